@@ -1,0 +1,29 @@
+"""PostgreSQL LISTEN/NOTIFY turned into dependable callbacks.
+
+>>> from classic.pg.listener import Listener
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    CallbackNotRegistered,
+    ListenerError,
+    ListenerStopped,
+    PluginError,
+    ReconnectFailed,
+)
+from .hookspecs import hookimpl, hookspec
+from .listener import Listener
+from .plugins import PluginInfo
+
+__all__ = [
+    "CallbackNotRegistered",
+    "Listener",
+    "ListenerError",
+    "ListenerStopped",
+    "PluginError",
+    "PluginInfo",
+    "ReconnectFailed",
+    "hookimpl",
+    "hookspec",
+]

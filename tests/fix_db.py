@@ -1,0 +1,112 @@
+"""The PostgreSQL server the tests talk to, and listeners that clean up after themselves.
+
+The server comes from ``CLASSIC_PG_LISTENER_TEST_DSN``; without it, from
+testcontainers when Docker answers; without either the session fails with a
+message saying how to provide one. It never skips: a green run must have
+talked to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from classic.pg.listener import Listener
+
+DSN_ENV = "CLASSIC_PG_LISTENER_TEST_DSN"
+WAIT = 10.0
+"""Seconds any test waits for something that should take milliseconds."""
+
+
+def _docker_available() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env().ping()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def dsn() -> Iterator[str]:
+    if value := os.environ.get(DSN_ENV):
+        yield value
+        return
+    if _docker_available():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as container:
+            yield container.get_connection_url()
+        return
+    pytest.fail(
+        f"no PostgreSQL for the tests: set {DSN_ENV} (for example"
+        f" {DSN_ENV}='host=127.0.0.1 dbname=test user=postgres') or make Docker"
+        " reachable for testcontainers",
+        pytrace=False,
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _server_reachable(dsn: str) -> None:
+    """Fail the whole session at once, clearly, when the server does not answer."""
+    try:
+        with psycopg.connect(dsn, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError as ex:
+        pytest.fail(f"PostgreSQL at {dsn!r} does not answer: {ex}", pytrace=False)
+
+
+@pytest.fixture
+def factory(dsn: str) -> Callable[[], psycopg.Connection[Any]]:
+    """A connection factory as the specification asks for one."""
+    return lambda: psycopg.connect(dsn, autocommit=True)
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    """A second connection, to send notifications and inspect the server."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def channel() -> str:
+    """A channel name no other test uses."""
+    return f"test_{uuid.uuid4().hex[:12]}"
+
+
+def notify(conn: psycopg.Connection[Any], channel: str, *payloads: str) -> None:
+    """Send notifications in one statement (batched: ~50x one NOTIFY each)."""
+    conn.execute(
+        "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p",
+        (channel, list(payloads) or [""]),
+    )
+
+
+@pytest.fixture
+def make_listener(
+    factory: Callable[[], psycopg.Connection[Any]],
+) -> Iterator[Callable[..., Listener]]:
+    """Build listeners that are stopped, and must stop promptly, after the test."""
+    made: list[Listener] = []
+
+    def make(*args: Any, **kwargs: Any) -> Listener:
+        if not args:
+            args = (factory,)
+        listener = Listener(*args, **kwargs)
+        made.append(listener)
+        return listener
+
+    yield make
+    for listener in made:
+        listener.stop()
+    for listener in made:
+        if listener.is_alive():
+            listener.join(WAIT)
+            assert not listener.is_alive(), f"{listener} did not stop"
