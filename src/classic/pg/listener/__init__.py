@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from .errors import (
     CallbackNotRegistered,
+    InvalidChannel,
+    InvalidChannelType,
     ListenerError,
     ListenerStopped,
     PluginError,
@@ -18,6 +20,8 @@ from .plugins import PluginInfo
 
 __all__ = [
     "CallbackNotRegistered",
+    "InvalidChannel",
+    "InvalidChannelType",
     "Listener",
     "ListenerError",
     "ListenerStopped",

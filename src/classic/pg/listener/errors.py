@@ -20,6 +20,14 @@ class ListenerStopped(ListenerError):
     """
 
 
+class InvalidChannel(ListenerError, ValueError):
+    """A channel name PostgreSQL would not deliver as given: empty, too long, NUL."""
+
+
+class InvalidChannelType(InvalidChannel, TypeError):
+    """A channel that is not a ``str`` at all (both a ``ValueError`` and a ``TypeError``)."""
+
+
 class CallbackNotRegistered(ListenerError, LookupError):
     """``remove_callback`` named a callback that is not registered on that channel."""
 

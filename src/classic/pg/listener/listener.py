@@ -19,6 +19,7 @@ from psycopg import Notify
 
 from ._backoff import Backoff
 from ._serving import ConnectionFactory, Request, Server, Settings
+from .errors import InvalidChannel, InvalidChannelType
 from .hookspecs import Callback
 from .plugins import PluginHost, PluginInfo, autoload_enabled
 
@@ -34,14 +35,16 @@ _counter = itertools.count(1)
 def check_channel(channel: object) -> str:
     """Refuse, at the caller, a channel PostgreSQL would not deliver as given."""
     if not isinstance(channel, str):
-        raise TypeError(f"channel must be a str, got {type(channel).__name__}")
+        raise InvalidChannelType(
+            f"channel must be a non-empty str, got {type(channel).__name__}"
+        )
     if not channel:
-        raise ValueError("channel must not be empty")
+        raise InvalidChannel("channel must be a non-empty str, got ''")
     if "\0" in channel:
-        raise ValueError(f"channel must not contain NUL characters: {channel!r}")
+        raise InvalidChannel(f"channel must not contain NUL characters: {channel!r}")
     size = len(channel.encode("utf-8"))
     if size > MAX_CHANNEL_BYTES:
-        raise ValueError(
+        raise InvalidChannel(
             f"channel {channel!r} is {size} bytes long: PostgreSQL allows at most"
             f" {MAX_CHANNEL_BYTES} and would truncate it"
         )
