@@ -1,4 +1,4 @@
-"""The PostgreSQL server the tests talk to, and listeners that clean up after themselves.
+"""The PostgreSQL server the tests talk to, and listeners that clean up after them.
 
 The server comes from ``CLASSIC_PG_LISTENER_TEST_DSN``; without it, from
 testcontainers when Docker answers; without either the session fails with a

@@ -12,8 +12,9 @@ import uuid
 from typing import Any
 
 import psycopg
-from fix_db import WAIT, notify
 from psycopg.conninfo import conninfo_to_dict
+
+from fix_db import WAIT, notify
 
 EXAMPLE_CONNECT = """\
 from classic.pg.listener import Listener
@@ -33,12 +34,15 @@ listener.add_callback(some_task, 'some_channel')
 
 BLOCKING = EXAMPLE_CONNECT + "listener.run()\n"
 
-BACKGROUND = EXAMPLE_CONNECT + """\
+BACKGROUND = (
+    EXAMPLE_CONNECT
+    + """\
 listener.start()
 print('The main thread is still free!')
 listener.stop()
 listener.join()  # waits until it has stopped
 """
+)
 
 
 def _params(dsn: str) -> str:
@@ -52,8 +56,7 @@ def _wait_for_listen(conn: psycopg.Connection[Any], app: str) -> None:
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
         if conn.execute(
-            "SELECT 1 FROM pg_stat_activity"
-            " WHERE application_name = %s AND query = %s",
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND query = %s",
             (app, 'LISTEN "some_channel"'),
         ).fetchone():
             return

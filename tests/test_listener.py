@@ -10,7 +10,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from fix_db import WAIT, notify
 from psycopg import Notify
 
 from classic.pg.listener import (
@@ -19,6 +18,7 @@ from classic.pg.listener import (
     ListenerStopped,
     hookimpl,
 )
+from fix_db import WAIT, notify
 
 
 class Recorder:
@@ -300,7 +300,9 @@ def test_run_with_no_workers_is_single_threaded(make_listener, conn, channel):
 
     future = listener.add_callback(callback, channel)
     future.add_done_callback(lambda _: threads.append(threading.get_ident()))
-    sender = threading.Thread(target=lambda: (future.result(WAIT), notify(conn, channel)))
+    sender = threading.Thread(
+        target=lambda: (future.result(WAIT), notify(conn, channel))
+    )
     sender.start()
     listener.run()
     sender.join(WAIT)
@@ -335,7 +337,9 @@ def test_default_pool_runs_callbacks_concurrently(make_listener, conn, channel):
     passed.wait()
 
 
-def test_inline_mode_with_start_runs_in_the_listener_thread(make_listener, conn, channel):
+def test_inline_mode_with_start_runs_in_the_listener_thread(
+    make_listener, conn, channel
+):
     listener = make_listener(max_workers=0, name="inline")
     got = Recorder()
     listener.start()

@@ -34,17 +34,14 @@ class Backoff:
             )
         self.initial = initial
         self.maximum = maximum
-        self.attempts = 0
         self._delay = initial
 
     def next_delay(self) -> float:
-        """Count one failed attempt and return how long to wait before the next."""
-        self.attempts += 1
+        """How long to wait after one more failure."""
         delay = self._delay
         self._delay = min(self._delay * self.FACTOR, self.maximum)
         return delay * (1.0 + self.JITTER * (2.0 * random.random() - 1.0))
 
     def reset(self) -> None:
         """Start again from the initial delay, after a connection that held."""
-        self.attempts = 0
         self._delay = self.initial

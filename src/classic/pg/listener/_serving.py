@@ -15,6 +15,7 @@ the loop takes them, in order, with the others.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -89,10 +90,9 @@ class Waker:
         with self._lock:
             if self._closed:
                 return
-            try:
+            # A full pipe means the serving thread will wake anyway.
+            with contextlib.suppress(BlockingIOError):
                 os.write(self._write, b"\0")
-            except BlockingIOError:
-                pass  # the pipe is full: the serving thread will wake anyway
 
     def drain(self) -> None:
         try:
@@ -195,28 +195,32 @@ class Server:
             self._host.call("listener_stopped", listener=self._listener, error=error)
 
     def _serve_forever(self) -> None:
-        backoff = Backoff(self._settings.reconnect_delay, self._settings.max_reconnect_delay)
+        settings = self._settings
+        backoff = Backoff(settings.reconnect_delay, settings.max_reconnect_delay)
         connected_before = False
+        failures = 0
         while not self._stopping:
             try:
                 self._connect()
             except ConnectionLost as ex:
                 self._close()
-                delay = backoff.next_delay()
-                limit = self._settings.max_reconnect_attempts
-                if limit is not None and backoff.attempts >= limit:
+                failures += 1
+                limit = settings.max_reconnect_attempts
+                if limit is not None and failures >= limit:
                     raise ReconnectFailed(
-                        f"could not connect after {backoff.attempts} attempts:"
+                        f"could not connect after {failures} attempts:"
                         f" {ex.__cause__ or ex}"
                     ) from ex.__cause__
+                delay = backoff.next_delay()
                 logger.warning(
                     "connection attempt %d failed (%s); next in %.2f s",
-                    backoff.attempts,
+                    failures,
                     ex.__cause__ or ex,
                     delay,
                 )
                 self._sleep(delay)
                 continue
+            failures = 0
 
             since = time.monotonic()
             if connected_before:
@@ -238,7 +242,7 @@ class Server:
                 )
                 # A connection that dies at once must not make a tight loop:
                 # the backoff only starts over after one that held a while.
-                if time.monotonic() - since >= self._settings.healthy_after:
+                if time.monotonic() - since >= settings.healthy_after:
                     backoff.reset()
                 self._sleep(backoff.next_delay())
 
@@ -371,6 +375,10 @@ class Server:
                         pgconn.consume_input()
                     except psycopg.OperationalError as ex:
                         raise ConnectionLost() from ex
+                    if pgconn.status != pq.ConnStatus.OK:
+                        raise ConnectionLost() from psycopg.OperationalError(
+                            pgconn.get_error_message() or "the connection was closed"
+                        )
                     last_activity = time.monotonic()
 
     def _take_notifications(self) -> bool:
@@ -432,7 +440,9 @@ class Server:
     def _statement(self, verb: str, channel: str) -> bytes:
         assert self._conn is not None
         # Always an identifier, never text: MixedCase, spaces and quotes survive.
-        return sql.SQL(verb + " {}").format(sql.Identifier(channel)).as_bytes(self._conn)
+        return (
+            sql.SQL(verb + " {}").format(sql.Identifier(channel)).as_bytes(self._conn)
+        )
 
     def _apply_requests(self) -> None:
         while self._requests:

@@ -25,7 +25,7 @@ class InvalidChannel(ListenerError, ValueError):
 
 
 class InvalidChannelType(InvalidChannel, TypeError):
-    """A channel that is not a ``str`` at all (both a ``ValueError`` and a ``TypeError``)."""
+    """A channel that is not a ``str`` at all: a ``ValueError`` and a ``TypeError``."""
 
 
 class CallbackNotRegistered(ListenerError, LookupError):

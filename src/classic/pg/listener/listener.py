@@ -1,4 +1,4 @@
-"""The ``Listener`` facade: checks arguments, runs the serving thread, hands out futures.
+"""The ``Listener`` facade: checks arguments, runs the serving thread, makes futures.
 
 Everything here runs in the caller's thread and never touches the
 connection: it validates what it is given, then queues it for the serving
@@ -253,7 +253,7 @@ class Listener:
 
     @property
     def backend_pid(self) -> int | None:
-        """The PID of the server process serving the connection; ``None`` when not connected."""
+        """The server process serving the connection; ``None`` while disconnected."""
         return self._server.backend_pid
 
     @property
