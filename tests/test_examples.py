@@ -76,7 +76,7 @@ def test_blocking_example(dsn, conn):
         lines: queue.Queue[str] = queue.Queue()
         stdout = proc.stdout
         assert stdout is not None
-        reader = threading.Thread(target=lambda: [lines.put(x) for x in stdout])
+        reader = threading.Thread(target=lambda: list(map(lines.put, stdout)))
         reader.start()
         try:
             _wait_for_listen(conn, app)

@@ -300,9 +300,12 @@ def test_run_with_no_workers_is_single_threaded(make_listener, conn, channel):
 
     future = listener.add_callback(callback, channel)
     future.add_done_callback(lambda _: threads.append(threading.get_ident()))
-    sender = threading.Thread(
-        target=lambda: (future.result(WAIT), notify(conn, channel))
-    )
+
+    def send_once_listening() -> None:
+        future.result(WAIT)
+        notify(conn, channel)
+
+    sender = threading.Thread(target=send_once_listening)
     sender.start()
     listener.run()
     sender.join(WAIT)
