@@ -15,6 +15,7 @@ backlog has drained to half.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -85,7 +86,7 @@ class InlineDispatcher:
 class PoolDispatcher:
     """Runs the callbacks in a ``ThreadPoolExecutor``, with a bounded backlog."""
 
-    CHUNK = 64
+    MAX_CHUNK = 64
 
     def __init__(
         self,
@@ -98,6 +99,8 @@ class PoolDispatcher:
         self._executor = ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix=thread_name_prefix
         )
+        # The executor's own default, which it keeps to itself.
+        self._workers = max_workers or min(32, (os.cpu_count() or 1) + 4)
         self._max_backlog = max_backlog
         self._low_water = max_backlog // 2
         self._on_done = on_done
@@ -128,10 +131,11 @@ class PoolDispatcher:
         with self._lock:
             self._backlog += len(batch)
         on_done = self._on_done()
-        # Chunks let several workers share a burst, so one slow callback holds
-        # up only the notifications of its own chunk.
-        for start in range(0, len(batch), self.CHUNK):
-            self._executor.submit(self._run, batch[start : start + self.CHUNK], on_done)
+        # Every worker gets a share of the batch, so slow callbacks run side by
+        # side; a share is capped so that a burst keeps all of them busy.
+        chunk = min(self.MAX_CHUNK, -(-len(batch) // self._workers))
+        for start in range(0, len(batch), chunk):
+            self._executor.submit(self._run, batch[start : start + chunk], on_done)
 
     def _run(self, batch: Sequence[Delivery], on_done: CallbackDone | None) -> None:
         try:
