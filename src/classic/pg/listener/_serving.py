@@ -315,6 +315,9 @@ class Server:
             # Such as "cannot execute LISTEN during recovery" on a standby:
             # retry, with backoff, until a server accepts them again.
             raise ConnectionLost() from ex
+        # Changes made before start() or while disconnected, so that the
+        # connected hooks see every channel listened to.
+        self._apply_requests()
         logger.info(
             "connected (backend pid %d), listening on %d channels",
             self.backend_pid,

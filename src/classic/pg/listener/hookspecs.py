@@ -75,10 +75,11 @@ def listener_connected(listener: Listener, connection: Connection[Any]) -> None:
     """A connection was opened and every channel is listened to.
 
     Called in the serving thread after each successful (re)connect, once
-    ``LISTEN`` was issued for every registered channel and before any
-    notification of that connection is delivered. Do not run statements on
-    ``connection``: it belongs to the serving thread, and a result left on it
-    would confuse the listener.
+    ``LISTEN`` was issued for every channel, those of changes made before
+    ``start()`` or while disconnected included (their futures have
+    resolved), and before any notification of that connection is
+    delivered. Do not run statements on ``connection``: it belongs to the
+    serving thread, and a result left on it would confuse the listener.
 
     :param listener: the listener that connected.
     :param connection: the connection the factory returned.

@@ -235,9 +235,13 @@ class Listener:
         """
         return self._host.register(plugin, name)
 
-    def unregister_plugin(self, name: str) -> None:
-        """Unregister a plugin and remove the callbacks it registered."""
-        self._host.unregister(name)
+    def unregister_plugin(self, name: str) -> Future[None]:
+        """Unregister a plugin and remove the callbacks it registered.
+
+        Its hooks stop at once; the returned future resolves once its
+        callbacks are removed, as ``remove_callback``'s do.
+        """
+        return self._host.unregister(name)
 
     @property
     def plugins(self) -> list[PluginInfo]:
