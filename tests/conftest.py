@@ -8,4 +8,9 @@ import os
 # listener of the core tests; the discovery tests turn autoload back on.
 os.environ["CLASSIC_PG_LISTENER_DISABLE_PLUGIN_AUTOLOAD"] = "1"
 
-pytest_plugins = ["fix_db", "fix_plugins", "fix_proxy", "fix_server"]
+pytest_plugins = [
+    "classic.pg.listener.testing",
+    "fix_plugins",
+    "fix_proxy",
+    "fix_server",
+]

@@ -26,7 +26,7 @@ from typing import IO
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from fix_db import WAIT, notify
+from classic.pg.listener.testing import WAIT, notify
 
 SCRIPT = Path(sys.executable).parent / "pg-listener"
 MODULE = [sys.executable, "-m", "classic.pg.listener"]

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from fix_db import WAIT, notify
+from classic.pg.listener.testing import WAIT, notify
 
 EXAMPLE_CONNECT = """\
 from classic.pg.listener import Listener

@@ -19,7 +19,7 @@ from psycopg import Notify
 
 from classic.pg.listener import ReconnectFailed, hookimpl, hookspecs
 from classic.pg.listener.plugins import HOOK_NAMES
-from fix_db import WAIT, notify
+from classic.pg.listener.testing import WAIT, notify
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ from classic.pg.listener import (
     ListenerStopped,
     hookimpl,
 )
-from fix_db import WAIT, notify
+from classic.pg.listener.testing import WAIT, notify
 
 
 class Recorder:
@@ -165,7 +165,9 @@ def test_remove_unregistered_callback_future_raises(make_listener, channel):
         future.result(WAIT)
 
 
-def test_failed_listen_future_raises_and_nothing_is_lost(make_listener, dsn, conn):
+def test_failed_listen_future_raises_and_nothing_is_lost(
+    make_listener, dsn, conn, channel
+):
     # LATIN1 cannot encode this channel: the serving thread fails to build the
     # LISTEN, and the future must carry that error back.
     listener = make_listener(
@@ -173,13 +175,13 @@ def test_failed_listen_future_raises_and_nothing_is_lost(make_listener, dsn, con
         max_workers=0,
     )
     kept = Recorder()
-    listener.add_callback(kept, "kept")
+    listener.add_callback(kept, channel)
     listener.start()
     future = listener.add_callback(print, "канал")
     with pytest.raises(UnicodeEncodeError):
         future.result(WAIT)
     assert "канал" not in listener.channels
-    notify(conn, "kept", "still here")
+    notify(conn, channel, "still here")
     kept.wait()
 
 

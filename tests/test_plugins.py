@@ -17,7 +17,7 @@ from psycopg import Notify
 
 from classic.pg.listener import Listener, PluginError, PluginInfo, hookimpl
 from classic.pg.listener import plugins as plugins_module
-from fix_db import WAIT, notify
+from classic.pg.listener.testing import WAIT, notify
 
 HANDLER = """
 import threading

@@ -27,7 +27,7 @@ from classic.pg.listener import (
     ReconnectFailed,
     hookimpl,
 )
-from fix_db import WAIT, notify
+from classic.pg.listener.testing import WAIT, notify
 from fix_proxy import Proxy
 from fix_server import ThrowawayServer
 
@@ -252,15 +252,17 @@ def test_server_restart(throwaway: ThrowawayServer, make_listener):
     )
 
 
-def test_started_while_database_down(proxy: Proxy, proxy_factory, make_listener, conn):
+def test_started_while_database_down(
+    proxy: Proxy, proxy_factory, make_listener, conn, channel
+):
     proxy.stop()
     factory = Factory(proxy_factory)
     early, late = Inbox(), Inbox()
     listener = make_listener(factory, **FAST)
-    before = listener.add_callback(early, "down_early")
+    before = listener.add_callback(early, f"{channel}_early")
     listener.start()
     factory.wait_calls(3)  # refused, refused, refused...
-    during = listener.add_callback(late, "down_late")
+    during = listener.add_callback(late, f"{channel}_late")
     assert listener.is_alive()
     assert not before.done()
     assert not during.done()
@@ -274,8 +276,8 @@ def test_started_while_database_down(proxy: Proxy, proxy_factory, make_listener,
         time.monotonic() - up
     )
     assert listener.reconnects == 0  # nothing was listened to, nothing missed
-    notify(conn, "down_early", "e")
-    notify(conn, "down_late", "l")
+    notify(conn, f"{channel}_early", "e")
+    notify(conn, f"{channel}_late", "l")
     assert early.get().payload == "e"
     assert late.get().payload == "l"
 
@@ -568,9 +570,9 @@ def test_invalid_arguments_leave_registrations_working(
 # -- concurrency and scale ---------------------------------------------------------
 
 
-def test_concurrent_add_remove_while_notifications_flow(make_listener, dsn):
+def test_concurrent_add_remove_while_notifications_flow(make_listener, dsn, channel):
     threads, per_thread = 16, 1000
-    channels = [f"conc_{i}" for i in range(20)]
+    channels = [f"{channel}_{i}" for i in range(20)]
     emptied = set(channels[:4])  # every callback removed: UNLISTENed
     calls: dict[int, int] = {}
     lock = threading.Lock()
@@ -657,8 +659,8 @@ def test_concurrent_add_remove_while_notifications_flow(make_listener, dsn):
     assert set(calls.values()) == {1}
 
 
-def test_five_thousand_channels(make_listener, conn):
-    channels = [f"many_{i}" for i in range(5000)]
+def test_five_thousand_channels(make_listener, conn, channel):
+    channels = [f"{channel}_{i}" for i in range(5000)]
     received: set[str] = set()
     all_in = threading.Event()
 

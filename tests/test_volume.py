@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import defaultdict
 from typing import Any
 
@@ -15,11 +16,12 @@ import psycopg
 import pytest
 from psycopg import Notify
 
-from fix_db import WAIT
+from classic.pg.listener.testing import WAIT
 
 pytestmark = pytest.mark.slow
 
-CHANNELS = ["vol_a", "vol_b", "vol_c", "vol_d"]
+# Unique to this run: another run on the same server must not add to the counts.
+CHANNELS = [f"vol_{uuid.uuid4().hex[:8]}_{x}" for x in "abcd"]
 BATCH = 10_000
 """Notifications per statement: one round trip each, not one per notification."""
 

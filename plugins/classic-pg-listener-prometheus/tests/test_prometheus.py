@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import Notify
 
+from classic.pg.listener.testing import notify
+
 P = "classic_pg_listener_"
 
 
@@ -27,31 +29,34 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | Non
     return registry.get_sample_value(P + name, labels)
 
 
-def test_metrics_from_hooks(settle, make_listener, notify, conn, channel, waiter):
+def test_metrics_from_hooks(make_listener, conn, channel, hook_waiter):
     listener = make_listener(
-        max_workers=2, ping_period=0.05, reconnect_delay=0.01, plugins=[prom, waiter]
+        max_workers=2,
+        ping_period=0.05,
+        reconnect_delay=0.01,
+        plugins=[prom, hook_waiter],
     )
     registry = prom.registry(listener)
     listener.add_callback(ok, channel)
     listener.add_callback(failing, channel)
     listener.start()
-    settle(listener)
+    hook_waiter.wait("listener_connected")
     assert sample(registry, "connected") == 1
 
-    notify(channel, "1", "2", "3")
-    waiter.wait("listener_callback_done", 6)
+    notify(conn, channel, "1", "2", "3")
+    hook_waiter.wait("listener_callback_done", 6)
 
     assert sample(registry, "notifications_total", channel=channel) == 3
     assert sample(registry, "callback_duration_seconds_count", channel=channel) == 6
     assert sample(registry, "callback_errors_total", channel=channel) == 3
     assert sample(registry, "backlog") == 0
 
-    waiter.wait("listener_ping")
+    hook_waiter.wait("listener_ping")
     assert (sample(registry, "ping_duration_seconds_count") or 0) >= 1
     assert sample(registry, "ping_errors_total") == 0
 
     conn.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
-    waiter.wait("listener_reconnected")
+    hook_waiter.wait("listener_reconnected")
     assert sample(registry, "reconnects_total") == 1
     assert sample(registry, "disconnects_total") == 1
     assert sample(registry, "connected") == 1
@@ -89,24 +94,24 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_installed_plugin_serves_metrics_over_http(
-    settle, make_listener, notify, channel, waiter, monkeypatch
+    make_listener, conn, channel, hook_waiter, monkeypatch
 ):
     port = free_port()
     monkeypatch.delenv("CLASSIC_PG_LISTENER_DISABLE_PLUGIN_AUTOLOAD")
     monkeypatch.setenv("CLASSIC_PG_LISTENER_LOAD_PLUGINS", "prometheus")
     monkeypatch.setenv(prom.ENV_PORT, str(port))
     monkeypatch.delenv(prom.ENV_ADDRESS, raising=False)
-    listener = make_listener(max_workers=2, plugins=[waiter])
+    listener = make_listener(max_workers=2, plugins=[hook_waiter])
     (info,) = [p for p in listener.plugins if p.name == "prometheus"]
     assert info.distribution == "classic-pg-listener-prometheus"
     listener.add_callback(ok, channel)
     listener.add_callback(failing, channel)
     listener.start()
-    settle(listener)
+    hook_waiter.wait("listener_connected")
     assert prom.server_address(listener) == ("127.0.0.1", port)
 
-    notify(channel, "a", "b")
-    waiter.wait("listener_callback_done", 4)
+    notify(conn, channel, "a", "b")
+    hook_waiter.wait("listener_callback_done", 4)
 
     metrics = scrape(port)
     by_channel = (("channel", channel),)

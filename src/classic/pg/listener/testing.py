@@ -1,14 +1,23 @@
-"""The PostgreSQL server the tests talk to, and listeners that clean up after them.
+"""pytest fixtures to test listeners and plugins against a real PostgreSQL.
+
+Our own suite and the plugins' use them; so can yours::
+
+    # conftest.py
+    pytest_plugins = ["classic.pg.listener.testing"]
 
 The server comes from ``CLASSIC_PG_LISTENER_TEST_DSN``; without it, from
-testcontainers when Docker answers; without either the session fails with a
-message saying how to provide one. It never skips: a green run must have
-talked to PostgreSQL.
+testcontainers (``pip install testcontainers[postgres]``) when Docker
+answers; without either the session fails with a message saying how to
+provide one. It never skips: a green run must have talked to PostgreSQL.
+
+Fixtures: ``dsn``, ``factory``, ``conn``, ``channel``, ``make_listener``,
+``hook_waiter``. Helpers: ``notify()``, ``HookWaiter``, ``WAIT``.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,7 +25,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from classic.pg.listener import Listener
+from .hookspecs import hookimpl
+from .listener import Listener
 
 DSN_ENV = "CLASSIC_PG_LISTENER_TEST_DSN"
 WAIT = 10.0
@@ -25,7 +35,7 @@ WAIT = 10.0
 
 def _docker_available() -> bool:
     try:
-        import docker  # type: ignore[import-untyped]
+        import docker  # type: ignore[import-untyped,unused-ignore]
 
         docker.from_env().ping()
     except Exception:
@@ -39,7 +49,9 @@ def dsn() -> Iterator[str]:
         yield value
         return
     if _docker_available():
-        from testcontainers.postgres import PostgresContainer
+        from testcontainers.postgres import (  # type: ignore[import-untyped,unused-ignore]
+            PostgresContainer,
+        )
 
         with PostgresContainer("postgres:16-alpine", driver=None) as container:
             yield container.get_connection_url()
@@ -110,3 +122,57 @@ def make_listener(
         if listener.is_alive():
             listener.join(WAIT)
             assert not listener.is_alive(), f"{listener} did not stop"
+
+
+class HookWaiter:
+    """A plugin that counts the lifecycle hooks, so tests wait on events, not sleeps.
+
+    Pass it in ``plugins=`` and call ``wait("listener_connected")``: once the
+    connected hook ran, every channel, plugins' included, is listened to. It
+    runs after the other plugins (``trylast``).
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._changed = threading.Condition()
+
+    def _count(self, hook: str) -> None:
+        with self._changed:
+            self.counts[hook] = self.counts.get(hook, 0) + 1
+            self._changed.notify_all()
+
+    def wait(self, hook: str, count: int = 1, timeout: float = WAIT) -> None:
+        """Wait until ``hook`` was called ``count`` times in all."""
+        with self._changed:
+            assert self._changed.wait_for(
+                lambda: self.counts.get(hook, 0) >= count, timeout
+            ), f"{hook}: {self.counts.get(hook, 0)} calls, expected {count}"
+
+    @hookimpl(trylast=True)
+    def listener_connected(self) -> None:
+        self._count("listener_connected")
+
+    @hookimpl(trylast=True)
+    def listener_reconnected(self) -> None:
+        self._count("listener_reconnected")
+
+    @hookimpl(trylast=True)
+    def listener_disconnected(self) -> None:
+        self._count("listener_disconnected")
+
+    @hookimpl(trylast=True)
+    def listener_ping(self) -> None:
+        self._count("listener_ping")
+
+    @hookimpl(trylast=True)
+    def listener_callback_done(self) -> None:
+        self._count("listener_callback_done")
+
+    @hookimpl(trylast=True)
+    def listener_stopped(self) -> None:
+        self._count("listener_stopped")
+
+
+@pytest.fixture
+def hook_waiter() -> HookWaiter:
+    return HookWaiter()
