@@ -181,7 +181,10 @@ def test_terminated_backend_reconnects_and_signals(make_listener, conn, channel,
             notify(other, channel, "at-signal")
         sent_at_signal.set()
 
-    listener = make_listener(on_reconnect=on_reconnect, plugins=[signals], **FAST)
+    # Inline, so that the order of arrival is the order of the callbacks.
+    listener = make_listener(
+        max_workers=0, on_reconnect=on_reconnect, plugins=[signals], **FAST
+    )
     started(listener, inbox, channel, conn)
     pid = listener.backend_pid
     assert pid is not None
