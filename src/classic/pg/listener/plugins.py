@@ -338,9 +338,6 @@ class PluginHost:
             for name in HOOK_NAMES
         }
 
-    def implemented(self, hook_name: str) -> bool:
-        return bool(self._impls[hook_name])
-
     def caller(self, hook_name: str) -> Callable[..., None] | None:
         """A function calling the hook, or ``None`` when nobody implements it.
 
