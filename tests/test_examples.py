@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from classic.pg.listener.testing import WAIT, notify
+from classic.pg.listener.testing import WAIT, notify, wait_until
 
 EXAMPLE_CONNECT = """\
 from classic.pg.listener import Listener
@@ -53,15 +53,17 @@ def _params(dsn: str) -> str:
 
 def _wait_for_listen(conn: psycopg.Connection[Any], app: str) -> None:
     """Poll the server until the example's session has run its LISTEN."""
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        if conn.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND query = %s",
-            (app, 'LISTEN "some_channel"'),
-        ).fetchone():
-            return
-        time.sleep(0.05)
-    raise AssertionError("the example never listened to some_channel")
+    wait_until(
+        lambda: (
+            conn.execute(
+                "SELECT 1 FROM pg_stat_activity"
+                " WHERE application_name = %s AND query = %s",
+                (app, 'LISTEN "some_channel"'),
+            ).fetchone()
+            is not None
+        ),
+        "the example to listen to some_channel",
+    )
 
 
 def test_blocking_example(dsn, conn):

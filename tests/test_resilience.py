@@ -27,7 +27,7 @@ from classic.pg.listener import (
     ReconnectFailed,
     hookimpl,
 )
-from classic.pg.listener.testing import WAIT, notify
+from classic.pg.listener.testing import WAIT, notify, wait_until
 from fix_proxy import Proxy
 from fix_server import ThrowawayServer
 
@@ -124,14 +124,6 @@ class Factory:
             assert self._changed.wait_for(lambda: len(self.calls) >= count, WAIT), (
                 f"{len(self.calls)} connection attempts, expected {count}"
             )
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """For state no event reports (a counter, a backlog): poll briefly."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def started(listener: Listener, inbox: Inbox, channel: str, conn: Any) -> None:

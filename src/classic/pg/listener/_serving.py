@@ -335,7 +335,7 @@ class Server:
             self._finished = True
             pending, self._requests = self._requests, deque()
         for request in pending:
-            if error is None or not isinstance(error, Exception):
+            if not isinstance(error, Exception):  # stop(), or KeyboardInterrupt
                 request.future.set_exception(
                     ListenerStopped("the listener stopped before applying this change")
                 )

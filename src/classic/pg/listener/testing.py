@@ -11,13 +11,14 @@ answers; without either the session fails with a message saying how to
 provide one. It never skips: a green run must have talked to PostgreSQL.
 
 Fixtures: ``dsn``, ``factory``, ``conn``, ``channel``, ``make_listener``,
-``hook_waiter``. Helpers: ``notify()``, ``HookWaiter``, ``WAIT``.
+``hook_waiter``. Helpers: ``notify()``, ``wait_until()``, ``HookWaiter``, ``WAIT``.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +32,14 @@ from .listener import Listener
 DSN_ENV = "CLASSIC_PG_LISTENER_TEST_DSN"
 WAIT = 10.0
 """Seconds any test waits for something that should take milliseconds."""
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    """For state no event reports (a counter, a row on the server): poll briefly."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
 
 
 def _docker_available() -> bool:
