@@ -542,7 +542,11 @@ def pgbouncer_load() -> Iterator[Callable[[PgBouncer], None]]:
     threads: list[threading.Thread] = []
 
     def client(bouncer: PgBouncer) -> None:
-        with psycopg.connect(bouncer.dsn, autocommit=True) as load:
+        # No prepared statements: a transaction pooler would hand them to
+        # another server session (PgBouncer before 1.21 does not track them).
+        with psycopg.connect(
+            bouncer.dsn, autocommit=True, prepare_threshold=None
+        ) as load:
             while not stop.is_set():
                 load.execute("SELECT pg_sleep(0.01)")
 
