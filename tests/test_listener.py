@@ -223,6 +223,7 @@ def test_futures_resolve_while_notifications_flow(make_listener, dsn, channel):
     sender = threading.Thread(target=send)
     sender.start()
     try:
+        wait_until(lambda: bool(flood.calls), "the flood")
         for i in range(50):
             other = f"{channel}_{i}"
             listener.add_callback(print, other).result(WAIT)
