@@ -169,7 +169,7 @@ class AsyncListener(ListenerBase):
 
     def rotate(self) -> asyncio.Future[None]:
         """Replace the connection by a new one, without a gap; see ``Listener``."""
-        return self._in_loop(self._core.rotate)
+        return self._in_loop(lambda: self._core.rotate(self._new_future()))
 
     def notifications(
         self,

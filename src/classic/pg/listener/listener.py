@@ -242,7 +242,7 @@ class Listener(ListenerBase):
         The future resolves once the new connection serves; if it could not
         be opened, the old one goes on and the future raises.
         """
-        return self._core.rotate()
+        return self._core.rotate(self._new_future())
 
     # -- running ---------------------------------------------------------------
 
