@@ -46,10 +46,10 @@ DSN_KEYWORDS = (
 
 
 def detection_bound(
-    idle: float = KEEPALIVE_IDLE,
-    interval: float = KEEPALIVE_INTERVAL,
-    count: int = KEEPALIVE_COUNT,
-    user_timeout_ms: float = USER_TIMEOUT_MS,
+    idle: float | None = None,
+    interval: float | None = None,
+    count: int | None = None,
+    user_timeout_ms: float | None = None,
 ) -> float:
     """Seconds after which a silent peer is detected, at most (the listener's
     values by default).
@@ -58,6 +58,11 @@ def detection_bound(
     when set, replaces the count: the connection ends at the first probe
     sent once that timeout has passed since the peer was last heard.
     """
+    idle = KEEPALIVE_IDLE if idle is None else idle
+    interval = KEEPALIVE_INTERVAL if interval is None else interval
+    count = KEEPALIVE_COUNT if count is None else count
+    if user_timeout_ms is None:
+        user_timeout_ms = USER_TIMEOUT_MS
     if user_timeout_ms and hasattr(socket, "TCP_USER_TIMEOUT"):
         ticks = max(1, math.ceil((user_timeout_ms / 1000 - idle) / interval))
         return float(idle + ticks * interval)

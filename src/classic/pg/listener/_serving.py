@@ -32,6 +32,7 @@ from psycopg import Notify, errors, pq, sql
 
 from ._backoff import Backoff
 from ._dispatch import Delivery, InlineDispatcher, PoolDispatcher
+from ._keepalive import configure_keepalive
 from .errors import CallbackNotRegistered, ListenerStopped, ReconnectFailed
 from .hookspecs import Callback
 from .plugins import PluginHost
@@ -57,6 +58,7 @@ class Settings:
     max_reconnect_delay: float
     max_reconnect_attempts: int | None
     healthy_after: float
+    tcp_keepalive: bool = True
 
 
 @dataclass
@@ -306,6 +308,7 @@ class Server:
             )
         self._conn = conn
         self._pgconn = conn.pgconn
+        configure_keepalive(conn.pgconn, self._settings.tcp_keepalive)
         self._encoding = conn.info.encoding
         self.backend_pid = conn.info.backend_pid
         try:

@@ -107,6 +107,10 @@ class Listener:
         is set.
     :param blocked_plugins: plugin names never to register.
     :param name: names the serving thread and the pool's threads.
+    :param tcp_keepalive: when the DSN sets no keepalive option, turn on TCP
+        keepalives and ``TCP_USER_TIMEOUT`` on the connection's socket, so
+        that a silent server is detected within about a minute even with
+        ``ping_period=0``; ``False`` leaves the socket as libpq made it.
     """
 
     def __init__(
@@ -125,6 +129,7 @@ class Listener:
         autoload_plugins: bool | None = None,
         blocked_plugins: Iterable[str] = (),
         name: str | None = None,
+        tcp_keepalive: bool = True,
     ):
         if not callable(connection_factory):
             raise TypeError(
@@ -163,6 +168,7 @@ class Listener:
                 max_reconnect_delay=max_reconnect_delay,
                 max_reconnect_attempts=max_reconnect_attempts,
                 healthy_after=max(5.0, reconnect_delay),
+                tcp_keepalive=tcp_keepalive,
             ),
             self._host,
             on_reconnect,
