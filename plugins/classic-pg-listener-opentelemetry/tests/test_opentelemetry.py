@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 from opentelemetry.trace import SpanKind, StatusCode
 from psycopg import Notify
 
-from classic.pg.listener.testing import notify
+from classic.pg.listener.testing import WAIT, notify
 
 
 def ok(notify: Notify) -> None:
@@ -159,3 +159,12 @@ def test_installed_plugin_is_discovered(make_listener, monkeypatch, providers):
     by_name = {p.name: p for p in listener.plugins}
     assert by_name["opentelemetry"].distribution == "classic-pg-listener-opentelemetry"
     assert "listener_callback_done" in by_name[otel.CALLBACKS_PLUGIN].hooks
+
+
+def test_unregister_removes_both_halves(make_listener, providers):
+    listener = make_listener(name="otel-unregister")
+    listener.register_plugin(otel, "otel")
+    assert {p.name for p in listener.plugins} == {"otel", otel.CALLBACKS_PLUGIN}
+    listener.unregister_plugin("otel").result(WAIT)
+    assert listener.plugins == []
+    assert providers.value("connected", listener="otel-unregister") is None

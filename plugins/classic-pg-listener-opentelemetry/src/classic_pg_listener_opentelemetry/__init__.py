@@ -10,8 +10,8 @@ providers. If both are the API's defaults (no SDK configured), it
 implements no per-notification hook at all, so the listener's hot path
 does not even call it; the per-notification hook exists only when a provider
 is configured: the module then registers a second plugin,
-``opentelemetry.callbacks`` (``Callbacks``), which implements it.
-Unregister both to remove the plugin from a running listener.
+``opentelemetry.callbacks`` (``Callbacks``), which implements it, and which
+leaves with it when the module is unregistered.
 
 Spans (tracer provider configured): one per callback run, made from the
 ``listener_callback_done`` hook with explicit start and end times, named
@@ -170,6 +170,13 @@ def listener_register_callbacks(listener: Listener) -> None:
 def listener_stopped(listener: Listener) -> None:
     # A stopped listener's series end with it.
     _observed.discard(listener)
+
+
+@hookimpl
+def listener_unregistered(listener: Listener) -> None:
+    _observed.discard(listener)
+    if any(plugin.name == CALLBACKS_PLUGIN for plugin in listener.plugins):
+        listener.unregister_plugin(CALLBACKS_PLUGIN)
 
 
 # -- metrics -----------------------------------------------------------------------
