@@ -197,3 +197,12 @@ def test_seconds_read_as_people_read_them():
     assert doctor._seconds(7875) == "2 h 11 min 15 s"
     assert doctor._seconds(600) == "10 min"
     assert doctor._seconds(1.5) == "1.5 s"
+
+
+def test_command_explains_itself():
+    result = subprocess.run(
+        [*MODULE, "doctor", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0
+    assert "ok, warn or fail" in result.stdout
+    assert "DATABASE_URL" in result.stdout

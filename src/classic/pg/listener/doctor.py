@@ -114,7 +114,8 @@ def add_command(
             "Check the server (or the pooler) the DSN names for what a listener"
             " needs: one line per check, ok, warn or fail, with advice. Exit"
             " status 0, or 1 when a check fails (2 when the server cannot be"
-            " reached)."
+            " reached).",
+            width=78,
         ),
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
