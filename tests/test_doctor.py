@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import psycopg
@@ -206,3 +207,34 @@ def test_command_explains_itself():
     assert result.returncode == 0
     assert "ok, warn or fail" in result.stdout
     assert "DATABASE_URL" in result.stdout
+
+
+def test_idle_session_timeout_fails_for_a_reason(primary, make_listener, hook_waiter):
+    # What the check's message says: notifications flowing to the session do
+    # not count as activity, so the server ends it all the same.
+    dsn = primary.dsn + " options='-c idle_session_timeout=1000'"
+    assert run(dsn)["idle_session_timeout"].status == "fail"
+    received: list[object] = []
+    listener = make_listener(
+        lambda: psycopg.connect(dsn, autocommit=True),
+        max_workers=0,
+        plugins=[hook_waiter],
+    )
+    listener.add_callback(received.append, "doctor_flow")
+    listener.start()
+    hook_waiter.wait("listener_connected")
+    stop = threading.Event()
+
+    def send() -> None:
+        with psycopg.connect(primary.dsn, autocommit=True) as sender:
+            while not stop.wait(0.1):
+                sender.execute("NOTIFY doctor_flow")
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        hook_waiter.wait("listener_disconnected")
+    finally:
+        stop.set()
+        sender.join()
+    assert received, "notifications were flowing when the server ended the session"
