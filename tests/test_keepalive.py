@@ -7,6 +7,7 @@ the connection stays open and silent, as when a NAT gateway forgets it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -71,6 +72,24 @@ def test_on_by_default(make_listener, dsn):
         "count": 3,
         "user_timeout": 60_000,
     }
+
+
+def test_async_listener_too(dsn):
+    from classic.pg.listener import AsyncListener
+
+    async def main() -> dict[str, int]:
+        probe = SocketOptions()
+        listener = AsyncListener(
+            lambda: psycopg.AsyncConnection.connect(dsn, autocommit=True),
+            autoload_plugins=False,
+            plugins=[probe],
+        )
+        async with listener:
+            await asyncio.wait_for(asyncio.to_thread(probe.seen.wait, WAIT), WAIT)
+        return probe.options
+
+    options = asyncio.run(main())
+    assert (options["idle"], options["user_timeout"]) == (30, 60_000)
 
 
 def test_dsn_settings_win(make_listener, dsn):
