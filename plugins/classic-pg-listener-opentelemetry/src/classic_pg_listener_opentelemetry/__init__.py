@@ -87,7 +87,8 @@ _lock = threading.Lock()
 # The observable instruments are made once per meter provider; their
 # callbacks report every listener in _observed.
 _observed: weakref.WeakSet[Any] = weakref.WeakSet()
-_meters: dict[int, metrics.Histogram] = {}
+# Weak keys: an id() could be reused by a later provider.
+_meters: weakref.WeakKeyDictionary[Any, metrics.Histogram] = weakref.WeakKeyDictionary()
 
 
 class Callbacks:
@@ -186,7 +187,7 @@ def _instruments() -> metrics.Histogram:
     """The meter's instruments, made once per provider; returns the histogram."""
     provider = metrics.get_meter_provider()
     with _lock:
-        histogram = _meters.get(id(provider))
+        histogram = _meters.get(provider)
         if histogram is not None:
             return histogram
         meter = provider.get_meter(SCOPE, _VERSION)
@@ -202,7 +203,7 @@ def _instruments() -> metrics.Histogram:
                 unit=unit,
                 description=description,
             )
-        _meters[id(provider)] = histogram
+        _meters[provider] = histogram
         return histogram
 
 
