@@ -42,6 +42,7 @@ from psycopg import Notify, errors, pq, sql
 from psycopg._encodings import pg2pyenc
 
 from ._backoff import Backoff
+from ._keepalive import configure_keepalive
 from ._stats import ListenerStats
 from ._waiting import CONNECT, READ, WRITE, Await, Close, Loop, Wait
 from .errors import (
@@ -97,6 +98,7 @@ class Settings:
     queue_usage_warning: float = 0.5
     exclusive: str | None = None
     max_connection_age: float | None = None
+    tcp_keepalive: bool = True
 
 
 @dataclass
@@ -574,6 +576,7 @@ class Core:
         """Make ``conn`` the listener's connection."""
         self._conn = conn
         self._pgconn = conn.pgconn
+        configure_keepalive(conn.pgconn, self._settings.tcp_keepalive)
         self._encoding = conn.info.encoding
         self.server_codec = python_codec(conn.info.parameter_status("server_encoding"))
         self.backend_pid = conn.info.backend_pid

@@ -54,7 +54,7 @@ class AsyncListener(ListenerBase):
         too: ``ping_timeout``, ``max_backlog``, ``reconnect_delay``,
         ``max_reconnect_delay``, ``max_reconnect_attempts``, ``on_reconnect``,
         ``plugins``, ``autoload_plugins``, ``blocked_plugins``, ``name``,
-        ``exclusive``, ``max_connection_age``.
+        ``exclusive``, ``max_connection_age``, ``tcp_keepalive``.
 
     Callbacks may be ``async def`` functions, awaited, or plain functions,
     called in the event loop: a plain function holds the whole loop while it

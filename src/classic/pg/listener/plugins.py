@@ -302,6 +302,7 @@ class PluginHost:
             plugin = self._manager.get_plugin(name)
             if plugin is None:
                 raise PluginError(f"no plugin named {name!r} is registered")
+            self._call_one("listener_unregistered", plugin, listener=self._listener)
             self._manager.unregister(plugin)
             contributed = self._contributed.pop(name, [])
             self._origin.pop(name, None)
