@@ -365,7 +365,9 @@ def test_item_6_a_change_while_the_backlog_is_full_keeps_memory_bounded(
                 all_in.set()
 
     waiter = HookWaiter()
-    listener = make_listener(max_workers=2, max_backlog=5, ping_timeout=1.0)
+    listener = make_listener(
+        max_workers=2, max_backlog=5, ping_period=0.2, ping_timeout=1.0
+    )
     listener.register_plugin(waiter)
     listener.start()
     listener.add_callback(slow, channel).result(WAIT)
@@ -665,3 +667,111 @@ def test_item_13_a_connection_of_the_wrong_type_is_closed(make_listener, dsn):
     finally:
         for conn in made:
             conn.pgconn.finish()
+
+
+# -- core bugs these items revealed (xfail until fixed) -----------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="rotate() returns a plain Future without the serving-thread guard:"
+    " waiting on it from an inline callback blocks until the timeout (forever"
+    " without one) instead of raising RuntimeError (#10 item 7)",
+)
+def test_item_7_waiting_on_rotate_from_the_serving_thread_raises(
+    make_listener, conn, channel
+):
+    outcome: list[str] = []
+    done = threading.Event()
+
+    def inline(notify: Notify) -> None:
+        started = time.monotonic()
+        try:
+            listener.rotate().result(timeout=1)
+            outcome.append("returned")
+        except RuntimeError:
+            outcome.append("RuntimeError")
+        except BaseException as ex:
+            waited = time.monotonic() - started
+            outcome.append(f"{type(ex).__name__} after {waited:.1f} s")
+        done.set()
+
+    listener = make_listener(max_workers=0)
+    listener.start()
+    listener.add_callback(inline, channel).result(WAIT)
+    notify(conn, channel, "go")
+    assert done.wait(WAIT)
+    assert outcome == ["RuntimeError"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="plugins._all_of resolves unregister_plugin()'s future without"
+    " skipping one its user cancelled: InvalidStateError in a done-callback,"
+    " logged by concurrent.futures (#10 item 5)",
+)
+def test_item_5_a_cancelled_unregister_plugin_future_is_skipped(
+    make_listener, channel, caplog
+):
+    class Contributes:
+        @hookimpl
+        def listener_register_callbacks(self, register):
+            register(print, channel)
+
+    def unreachable() -> psycopg.Connection[Any]:
+        raise psycopg.OperationalError("the database is down")
+
+    waiter = HookWaiter()
+    listener = make_listener(unreachable, reconnect_delay=0.01, plugins=[waiter])
+    listener.register_plugin(Contributes(), "contributes")
+    listener.start()
+    removal = listener.unregister_plugin("contributes")
+    assert removal.cancel()
+    caplog.set_level(logging.ERROR)
+
+    listener.stop()
+    listener.join(WAIT)
+
+    assert listener.exception is None
+    waiter.wait("listener_stopped")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_core.Core._begin_rotation takes the rotation's futures out of"
+    " _rotations and settles them only on an Exception: stop() (Interrupted)"
+    " or KeyboardInterrupt while the new connection LISTENs leaves them"
+    " pending forever and the new connection open (#10 items 1 and 9)",
+)
+def test_item_9_stop_during_a_rotation_resolves_its_future(make_listener, dsn, channel):
+    made: list[psycopg.Connection[Any]] = []
+    in_factory = threading.Event()
+    release = threading.Event()
+
+    def factory() -> psycopg.Connection[Any]:
+        if made:  # the rotation's connection
+            in_factory.set()
+            release.wait(WAIT)
+        conn = psycopg.connect(dsn, autocommit=True)
+        made.append(conn)
+        return conn
+
+    listener = make_listener(factory)
+    listener.start()
+    listener.add_callback(print, channel).result(WAIT)
+    rotation = listener.rotate()
+    assert in_factory.wait(WAIT)
+    listener.stop()
+    release.set()
+    listener.join(WAIT)
+
+    assert not listener.is_alive()
+    try:
+        assert rotation.done(), "the rotation's future was left pending"
+        assert isinstance(rotation.exception(), ListenerStopped)
+        assert all(conn.closed for conn in made)
+    finally:
+        for conn in made:
+            conn.close()
