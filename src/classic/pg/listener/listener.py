@@ -293,7 +293,11 @@ class Listener(ListenerBase):
         """
         if not self._started:
             raise RuntimeError("cannot join a listener that was not started")
-        self._done.wait(timeout)
+        if self._done.wait(timeout) and self._thread is not None:
+            # The thread itself ends a moment after it is done: wait for it
+            # too, so that no thread of the listener outlives join().
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout)
 
     def is_alive(self) -> bool:
         """Whether the listener was started and has not finished stopping."""
