@@ -47,15 +47,44 @@ class JsonlWriter:
 
     Pool workers call it concurrently; the lock keeps each line in one piece
     and in the order the writes happened.
+
+    The file is opened by ``open()`` (the plugin calls it when the listener
+    starts) or at the first write, never at construction: listing plugins
+    (``pg-listener plugins``) registers them into a listener that never
+    starts, and must leave no file behind. It is closed by ``close()`` (at
+    ``listener_stopped``), or as soon as nothing holds the writer any more:
+    once ``unregister_plugin()`` has removed its callbacks and the last
+    notification in flight is written. No hook tells a plugin that it was
+    unregistered; the listener letting go of its callback is that signal.
     """
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else None
+        if self.path is not None and not self.path.parent.is_dir():
+            # Checked now, without creating anything, so that a bad path is
+            # reported at registration (and by ``pg-listener plugins``).
+            raise FileNotFoundError(
+                f"cannot write {self.path}: no directory {self.path.parent}"
+            )
         self._lock = threading.Lock()
         self._file: IO[str] | None = None
-        if self.path is not None:
-            # Opened now, so that a bad path is reported at registration.
-            self._file = self.path.open("a", encoding="utf-8")
+        self._closer: weakref.finalize[[], JsonlWriter] | None = None
+
+    def open(self) -> None:
+        """Open the file now, so that an unwritable one is reported at once."""
+        with self._lock:
+            self._open()
+
+    def _open(self) -> IO[str]:
+        if self.path is None:
+            # sys.stdout is looked up per write: it may be replaced meanwhile.
+            return sys.stdout
+        if self._file is None:
+            file = self._file = self.path.open("a", encoding="utf-8")
+            # Runs close() on the file, not on the writer: the finalizer must
+            # not keep the writer alive.
+            self._closer = weakref.finalize(self, file.close)
+        return self._file
 
     def __call__(self, notify: Notify) -> None:
         line = json.dumps(
@@ -68,16 +97,15 @@ class JsonlWriter:
             ensure_ascii=False,
         )
         with self._lock:
-            # sys.stdout is looked up per write: it may be replaced meanwhile.
-            stream = self._file or sys.stdout
+            stream = self._open()
             stream.write(line + "\n")
             stream.flush()
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            closer, self._closer, self._file = self._closer, None, None
+            if closer is not None:
+                closer()
 
     def __repr__(self) -> str:
         return f"<JsonlWriter {self.path or 'stdout'}>"
@@ -93,8 +121,9 @@ class JsonlPlugin:
     def __init__(self, channels: Iterable[str], path: str | Path | None = None):
         self.channels = list(channels)
         self.path = path
-        # One writer per listener, closed when that listener stops.
-        self._writers: weakref.WeakKeyDictionary[Any, JsonlWriter] = (
+        # One writer per listener. Held weakly: the listener holds it, as a
+        # callback, for as long as it may call it (see JsonlWriter).
+        self._writers: weakref.WeakKeyDictionary[Any, weakref.ref[JsonlWriter]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -105,6 +134,10 @@ class JsonlPlugin:
             os.environ.get(ENV_PATH) or None,
         )
 
+    def _writer(self, listener: Listener) -> JsonlWriter | None:
+        ref = self._writers.get(listener)
+        return ref() if ref is not None else None
+
     @hookimpl
     def listener_register_callbacks(
         self, listener: Listener, register: Register
@@ -112,13 +145,20 @@ class JsonlPlugin:
         if not self.channels:
             return
         writer = JsonlWriter(self.path)
-        self._writers[listener] = writer
+        self._writers[listener] = weakref.ref(writer)
         for channel in self.channels:
             register(writer, channel)
 
     @hookimpl
+    def listener_started(self, listener: Listener) -> None:
+        writer = self._writer(listener)
+        if writer is not None:
+            writer.open()
+
+    @hookimpl
     def listener_stopped(self, listener: Listener) -> None:
-        writer = self._writers.pop(listener, None)
+        writer = self._writer(listener)
+        self._writers.pop(listener, None)
         if writer is not None:
             writer.close()
 
@@ -132,6 +172,13 @@ _from_env: weakref.WeakKeyDictionary[Any, JsonlPlugin] = weakref.WeakKeyDictiona
 def listener_register_callbacks(listener: Listener, register: Register) -> None:
     plugin = _from_env[listener] = JsonlPlugin.from_env()
     plugin.listener_register_callbacks(listener, register)
+
+
+@hookimpl
+def listener_started(listener: Listener) -> None:
+    plugin = _from_env.get(listener)
+    if plugin is not None:
+        plugin.listener_started(listener)
 
 
 @hookimpl
