@@ -103,19 +103,22 @@ class AsyncListener(ListenerBase):
         )
         return result
 
-    def _in_loop(self, future: Future[None]) -> asyncio.Future[None]:
-        """The request's future as an asyncio one, resolved in the listener's loop."""
+    def _in_loop(self, make: Callable[[], Future[None]]) -> asyncio.Future[None]:
+        """A request's future as an asyncio one, resolved in the listener's loop.
+
+        The loop is found before the request is made: a call that cannot be
+        answered in a loop changes nothing.
+        """
         loop = self._loop
         if loop is None:
             try:
                 loop = self._loop = asyncio.get_running_loop()
             except RuntimeError:
-                future.cancel()
                 raise RuntimeError(
                     "AsyncListener: call this from the event loop, or from"
                     " another thread once the listener runs in its loop"
                 ) from None
-        return asyncio.wrap_future(future, loop=loop)
+        return asyncio.wrap_future(make(), loop=loop)
 
     def __repr__(self) -> str:
         if self._finished:
@@ -142,21 +145,23 @@ class AsyncListener(ListenerBase):
         not; callable from the loop or from any thread, the future resolving
         in the loop. ``catch_up`` may be a coroutine function too.
         """
-        return self._in_loop(self._request("add", callback, channel, catch_up, decode))
+        return self._in_loop(
+            lambda: self._request("add", callback, channel, catch_up, decode)
+        )
 
     def remove_callback(
         self, callback: Callable[[Notify], object], channel: str
     ) -> asyncio.Future[None]:
         """Stop calling ``callback`` for ``channel``, as ``Listener`` does."""
-        return self._in_loop(self._request("remove", callback, channel))
+        return self._in_loop(lambda: self._request("remove", callback, channel))
 
     def unregister_plugin(self, name: str) -> asyncio.Future[None]:
         """Unregister a plugin and remove its callbacks; as ``Listener``'s."""
-        return self._in_loop(self._host.unregister(name))
+        return self._in_loop(lambda: self._host.unregister(name))
 
     def rotate(self) -> asyncio.Future[None]:
         """Replace the connection by a new one, without a gap; see ``Listener``."""
-        return self._in_loop(self._core.rotate())
+        return self._in_loop(self._core.rotate)
 
     async def notifications(
         self,
