@@ -689,6 +689,153 @@ async def test_stop_while_connecting_to_blackhole(
     assert listener.exception is None
 
 
+# -- catch-ups, hooks, plugins, rotation -----------------------------------------------
+
+
+@pytest.mark.parametrize("max_concurrency", [0, None])
+async def test_catch_up_runs_before_the_channels_notifications(
+    make_listener, aconn, channel, max_concurrency
+):
+    events: list[str] = []
+    gate = asyncio.Event()
+    caught_up = asyncio.Event()
+    done_hooks: list[tuple[str, BaseException | None]] = []
+
+    class CatchUpDone:
+        @hookimpl
+        def listener_catch_up_done(self, listener, channel, catch_up, duration, error):
+            done_hooks.append((catch_up.__name__, error))
+
+    async def catch_up(name: str) -> None:
+        events.append(f"catch-up {name}")
+        await gate.wait()
+        events.append("caught up")
+        caught_up.set()
+
+    async def failing(name: str) -> None:
+        raise ValueError(name)
+
+    inbox = Inbox()
+    listener = make_listener(
+        max_concurrency=max_concurrency, plugins=[CatchUpDone()], **FAST
+    )
+    listener.add_callback(inbox, channel, catch_up=catch_up)
+    listener.add_callback(print, f"{channel}_other", catch_up=failing)
+    listener.start()
+    await wait_for(lambda: events == [f"catch-up {channel}"], "the catch-up")
+    # Sent while the catch-up runs: held back until it returns.
+    await anotify(aconn, channel, "during")
+    await asyncio.sleep(0.05)
+    assert inbox.queue.empty()
+    gate.set()
+    assert (await inbox.get()).payload == "during"
+    assert events == [f"catch-up {channel}", "caught up"]
+    await wait_for(lambda: len(done_hooks) == 2, "both listener_catch_up_done")
+    errors = dict(done_hooks)
+    assert errors.keys() == {"catch_up", "failing"}
+    assert errors["catch_up"] is None
+    assert isinstance(errors["failing"], ValueError)
+
+    # And again after a reconnection.
+    caught_up.clear()
+    await aconn.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
+    await within(caught_up.wait())
+    assert events.count("caught up") == 2
+
+
+@pytest.mark.parametrize("max_concurrency", [0, 2])
+async def test_hook_callback_done_for_coroutines(
+    make_listener, aconn, channel, max_concurrency
+):
+    done: list[tuple[Any, float, BaseException | None]] = []
+
+    class Done:
+        @hookimpl
+        def listener_callback_done(self, listener, callback, notify, duration, error):
+            done.append((callback, duration, error))
+
+    async def slow(notify: Notify) -> None:
+        await asyncio.sleep(0.02)
+
+    async def raising(notify: Notify) -> None:
+        raise ValueError(notify.payload)
+
+    listener = make_listener(max_concurrency=max_concurrency, plugins=[Done()])
+    listener.add_callback(slow, channel)
+    listener.add_callback(raising, channel)
+    listener.start()
+    await within(listener.add_callback(raising, channel))
+    await anotify(aconn, channel, "boom")
+    await wait_for(lambda: len(done) == 2, "two listener_callback_done")
+    by_callback = {callback: (duration, error) for callback, duration, error in done}
+    assert by_callback[slow][0] >= 0.02
+    assert by_callback[slow][1] is None
+    assert isinstance(by_callback[raising][1], ValueError)
+
+
+async def test_unregister_plugin_returns_an_asyncio_future(
+    make_listener, aconn, channel
+):
+    inbox = Inbox()
+
+    class Contributes:
+        @hookimpl
+        def listener_register_callbacks(self, listener, register):
+            register(inbox, channel)
+
+    listener = make_listener()
+    name = listener.register_plugin(Contributes(), "contributes")
+    assert name == "contributes"
+    listener.start()
+    await wait_for(lambda: channel in listener.channels, "the plugin's channel")
+    await anotify(aconn, channel, "to the plugin")
+    assert (await inbox.get()).payload == "to the plugin"
+    removed = listener.unregister_plugin(name)
+    assert isinstance(removed, asyncio.Future)
+    await within(removed)
+    assert channel not in listener.channels
+    assert [info.name for info in listener.plugins] == []
+
+
+async def test_rotate_loses_and_doubles_nothing(make_listener, aconn, channel):
+    listener = make_listener(max_concurrency=0)
+    inbox = Inbox()
+    await started(listener, inbox, channel, aconn)
+    old = listener.backend_pid
+    await anotify(aconn, channel, *map(str, range(500)))
+    rotating = listener.rotate()
+    assert isinstance(rotating, asyncio.Future)
+    await anotify(aconn, channel, *map(str, range(500, 1000)))
+    await within(rotating)
+    await anotify(aconn, channel, *map(str, range(1000, 1500)))
+    assert await inbox.payloads(1500) == [str(i) for i in range(1500)]
+    assert listener.backend_pid not in (None, old)
+    assert listener.reconnects == 0
+    await asyncio.sleep(0.05)
+    assert inbox.queue.empty()
+
+
+async def test_made_outside_the_loop(afactory, aconn, channel):
+    loop = asyncio.get_running_loop()
+    # Made in a thread with no event loop: the loop is known at start().
+    listener = await loop.run_in_executor(None, lambda: AsyncListener(afactory))
+    assert "initial" in repr(listener)
+
+    def too_early() -> None:
+        listener.add_callback(print, channel)
+
+    with pytest.raises(RuntimeError, match="event loop"):
+        await loop.run_in_executor(None, too_early)
+    inbox = Inbox()
+    try:
+        await started(listener, inbox, channel, aconn)
+        assert "connected" in repr(listener)
+    finally:
+        listener.stop()
+        await within(listener.join())
+    assert "stopped" in repr(listener)
+
+
 # -- cancellation --------------------------------------------------------------------
 
 
