@@ -773,6 +773,25 @@ async def test_hook_callback_done_for_coroutines(
     assert isinstance(by_callback[raising][1], ValueError)
 
 
+async def test_decode_turns_payloads_and_skips_poison(
+    make_listener, aconn, channel, caplog
+):
+    got: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def on_order(notify: Notify) -> None:
+        await got.put(notify.payload)
+
+    listener = make_listener()
+    listener.start()
+    await within(listener.add_callback(on_order, channel, decode=json.loads))
+    await anotify(aconn, channel, '{"id": 1}', "not json", '{"id": 2}')
+    assert [await within(got.get()) for _ in range(2)] == [{"id": 1}, {"id": 2}]
+    assert "poison message" in caplog.text
+    assert got.empty()
+    with pytest.raises(TypeError, match="decode"):
+        listener.add_callback(on_order, channel, decode="json")
+
+
 async def test_unregister_plugin_returns_an_asyncio_future(
     make_listener, aconn, channel
 ):
