@@ -674,8 +674,8 @@ class Core:
             if self._stopping:
                 return
             room = dispatcher.room()
-            if (room > 0 and self._take(room)) or awaits:
-                continue  # a full batch, or an inline coroutine to await first
+            if room > 0 and self._take(room):
+                continue  # the batch filled the room: look again
             statement = self._statement
             if statement is not None and not flushing and statement.collect(pgconn):
                 self._statement = None
