@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import classic_pg_listener_jsonl as jsonl
-from classic_pg_listener_jsonl import JsonlPlugin
+from classic_pg_listener_jsonl import JsonlPlugin, JsonlWriter
+from psycopg import Notify
 
 from classic.pg.listener.testing import WAIT, notify, wait_until
 
@@ -147,8 +148,9 @@ def test_file_closed_after_unregister_and_at_stop(
     hook_waiter.wait("listener_callback_done")
     assert is_open(path)
 
-    listener.unregister_plugin(name).result(WAIT)
-    wait_until(lambda: not is_open(path), "the file to be closed")
+    removed = listener.unregister_plugin(name)
+    assert not is_open(path)  # closed by listener_unregistered, at once
+    removed.result(WAIT)
     assert [line["payload"] for line in read_lines(path)] == ["one"]
 
     # Registered again, it appends; stopping the listener closes the file.
@@ -160,3 +162,16 @@ def test_file_closed_after_unregister_and_at_stop(
     listener.join(WAIT)
     assert not is_open(path)
     assert [line["payload"] for line in read_lines(path)] == ["one", "two"]
+
+
+def test_a_line_in_flight_after_close_is_still_written(tmp_path):
+    # unregister_plugin() closes the file before the callback is removed: a
+    # notification read meanwhile is appended, and no descriptor stays open.
+    path = tmp_path / "out.jsonl"
+    writer = JsonlWriter(path)
+    writer.open()
+    writer(Notify("ch", "before", 1))
+    writer.close()
+    writer(Notify("ch", "in flight", 1))
+    assert not is_open(path)
+    assert [line["payload"] for line in read_lines(path)] == ["before", "in flight"]

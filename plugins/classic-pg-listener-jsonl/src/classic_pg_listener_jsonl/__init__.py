@@ -51,11 +51,11 @@ class JsonlWriter:
     The file is opened by ``open()`` (the plugin calls it when the listener
     starts) or at the first write, never at construction: listing plugins
     (``pg-listener plugins``) registers them into a listener that never
-    starts, and must leave no file behind. It is closed by ``close()`` (at
-    ``listener_stopped``), or as soon as nothing holds the writer any more:
-    once ``unregister_plugin()`` has removed its callbacks and the last
-    notification in flight is written. No hook tells a plugin that it was
-    unregistered; the listener letting go of its callback is that signal.
+    starts, and must leave no file behind. ``close()`` closes it (the plugin
+    calls it at ``listener_unregistered`` and ``listener_stopped``); a
+    notification still in flight after that (``unregister_plugin()`` removes
+    the callback after the hook) is appended with the file opened for that
+    line alone, so that no line is lost and no descriptor stays open.
     """
 
     def __init__(self, path: str | Path | None = None):
@@ -68,23 +68,13 @@ class JsonlWriter:
             )
         self._lock = threading.Lock()
         self._file: IO[str] | None = None
-        self._closer: weakref.finalize[[], JsonlWriter] | None = None
+        self._closed = False
 
     def open(self) -> None:
         """Open the file now, so that an unwritable one is reported at once."""
         with self._lock:
-            self._open()
-
-    def _open(self) -> IO[str]:
-        if self.path is None:
-            # sys.stdout is looked up per write: it may be replaced meanwhile.
-            return sys.stdout
-        if self._file is None:
-            file = self._file = self.path.open("a", encoding="utf-8")
-            # Runs close() on the file, not on the writer: the finalizer must
-            # not keep the writer alive.
-            self._closer = weakref.finalize(self, file.close)
-        return self._file
+            if self.path is not None and self._file is None and not self._closed:
+                self._file = self.path.open("a", encoding="utf-8")
 
     def __call__(self, notify: Notify) -> None:
         line = json.dumps(
@@ -97,15 +87,26 @@ class JsonlWriter:
             ensure_ascii=False,
         )
         with self._lock:
-            stream = self._open()
+            if self.path is None:
+                # sys.stdout is looked up per write: it may be replaced meanwhile.
+                stream: IO[str] = sys.stdout
+            elif self._closed:
+                with self.path.open("a", encoding="utf-8") as once:
+                    once.write(line + "\n")
+                return
+            else:
+                if self._file is None:
+                    self._file = self.path.open("a", encoding="utf-8")
+                stream = self._file
             stream.write(line + "\n")
             stream.flush()
 
     def close(self) -> None:
         with self._lock:
-            closer, self._closer, self._file = self._closer, None, None
-            if closer is not None:
-                closer()
+            self._closed = True
+            file, self._file = self._file, None
+            if file is not None:
+                file.close()
 
     def __repr__(self) -> str:
         return f"<JsonlWriter {self.path or 'stdout'}>"
@@ -121,9 +122,9 @@ class JsonlPlugin:
     def __init__(self, channels: Iterable[str], path: str | Path | None = None):
         self.channels = list(channels)
         self.path = path
-        # One writer per listener. Held weakly: the listener holds it, as a
-        # callback, for as long as it may call it (see JsonlWriter).
-        self._writers: weakref.WeakKeyDictionary[Any, weakref.ref[JsonlWriter]] = (
+        # One writer per listener, closed when that listener stops or the
+        # plugin leaves it.
+        self._writers: weakref.WeakKeyDictionary[Any, JsonlWriter] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -134,10 +135,6 @@ class JsonlPlugin:
             os.environ.get(ENV_PATH) or None,
         )
 
-    def _writer(self, listener: Listener) -> JsonlWriter | None:
-        ref = self._writers.get(listener)
-        return ref() if ref is not None else None
-
     @hookimpl
     def listener_register_callbacks(
         self, listener: Listener, register: Register
@@ -145,20 +142,26 @@ class JsonlPlugin:
         if not self.channels:
             return
         writer = JsonlWriter(self.path)
-        self._writers[listener] = weakref.ref(writer)
+        self._writers[listener] = writer
         for channel in self.channels:
             register(writer, channel)
 
     @hookimpl
     def listener_started(self, listener: Listener) -> None:
-        writer = self._writer(listener)
+        writer = self._writers.get(listener)
         if writer is not None:
             writer.open()
 
     @hookimpl
+    def listener_unregistered(self, listener: Listener) -> None:
+        self._close(listener)
+
+    @hookimpl
     def listener_stopped(self, listener: Listener) -> None:
-        writer = self._writer(listener)
-        self._writers.pop(listener, None)
+        self._close(listener)
+
+    def _close(self, listener: Listener) -> None:
+        writer = self._writers.pop(listener, None)
         if writer is not None:
             writer.close()
 
@@ -179,6 +182,13 @@ def listener_started(listener: Listener) -> None:
     plugin = _from_env.get(listener)
     if plugin is not None:
         plugin.listener_started(listener)
+
+
+@hookimpl
+def listener_unregistered(listener: Listener) -> None:
+    plugin = _from_env.pop(listener, None)
+    if plugin is not None:
+        plugin.listener_unregistered(listener)
 
 
 @hookimpl
