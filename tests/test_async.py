@@ -123,6 +123,23 @@ async def wait_for(predicate: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.005)
 
 
+async def listening(listener: AsyncListener, channel: str) -> None:
+    """Wait until ``channel``'s LISTEN, asked by someone else (an iterator, a
+    plugin), is acknowledged.
+
+    ``listener.channels`` shows a channel as soon as its registration is
+    applied, before the server acknowledged the LISTEN; requests are applied
+    in order and one statement at a time, so once a later LISTEN (of a
+    channel of its own) is acknowledged, that one is too.
+    """
+    await wait_for(lambda: channel in listener.channels, f"{channel} registered")
+    await within(listener.add_callback(_barrier, f"{channel}_barrier"))
+
+
+def _barrier(notify: Notify) -> None:
+    pass
+
+
 class Inbox:
     """A plain callback queueing what it receives, for the test to await."""
 
@@ -826,7 +843,7 @@ async def test_unregister_plugin_returns_an_asyncio_future(
     name = listener.register_plugin(Contributes(), "contributes")
     assert name == "contributes"
     listener.start()
-    await wait_for(lambda: channel in listener.channels, "the plugin's channel")
+    await listening(listener, channel)
     await anotify(aconn, channel, "to the plugin")
     assert (await inbox.get()).payload == "to the plugin"
     removed = listener.unregister_plugin(name)
@@ -957,7 +974,7 @@ async def test_notifications_iterator_and_removal_on_exit(
                 break
 
     consumer = asyncio.ensure_future(consume())
-    await wait_for(lambda: channel in listener.channels, "the iterator's LISTEN")
+    await listening(listener, channel)
     await anotify(aconn, channel, "a", "b", "c", "d")
     await within(consumer)
     assert received == ["a", "b", "c"]
@@ -976,7 +993,7 @@ async def test_notifications_iterator_removed_when_cancelled(
             first.set()
 
     consumer = asyncio.ensure_future(consume())
-    await wait_for(lambda: channel in listener.channels, "the iterator's LISTEN")
+    await listening(listener, channel)
     await anotify(aconn, channel, "one")
     await within(first.wait())  # the consumer now waits for the next one
     consumer.cancel()
@@ -1047,7 +1064,7 @@ async def test_notifications_end_when_the_listener_stops(make_listener, aconn, c
 
     consumer = asyncio.ensure_future(consume())
     try:
-        await wait_for(lambda: channel in listener.channels, "the iterator's LISTEN")
+        await listening(listener, channel)
         await anotify(aconn, channel, "x")
         await wait_for(lambda: received == ["x"], "the notification")
         listener.stop()
@@ -1428,7 +1445,7 @@ async def test_fastapi_example_streams_notifications(dsn, aconn, channel):
             async with client.stream("GET", f"/events/{channel}") as response:
                 assert response.status_code == 200
                 assert response.headers["content-type"].startswith("text/event-stream")
-                await wait_for(lambda: channel in listener.channels, "the LISTEN")
+                await listening(listener, channel)
                 await anotify(aconn, channel, "one", 'two "quoted"')
                 lines = response.aiter_lines()
                 events: list[dict[str, Any]] = []

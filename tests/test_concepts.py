@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,19 @@ def catch_up_example() -> str:
     return code
 
 
+class Recording(Listener):
+    """The example's ``Listener``, keeping the futures of its ``add_callback``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.added: list[Future[None]] = []
+        super().__init__(*args, **kwargs)
+
+    def add_callback(self, *args: Any, **kwargs: Any) -> Future[None]:
+        future = super().add_callback(*args, **kwargs)
+        self.added.append(future)
+        return future
+
+
 class Psycopg:
     """Stands in for the example's ``psycopg``: its ``connect()`` is where the
     application's catch-up query would run."""
@@ -40,15 +54,19 @@ class Psycopg:
 
     @contextmanager
     def connect(self, dsn: str) -> Iterator[None]:
-        listener: Listener = self.namespace["listener"]
-        self.acknowledged.append("orders" in listener.channels)
+        listener: Recording = self.namespace["listener"]
+        # A resolved add_callback future means the server acknowledged LISTEN.
+        self.acknowledged.append(
+            bool(listener.added)
+            and all(f.done() and f.exception() is None for f in listener.added)
+        )
         yield
 
 
 def test_catch_up_example_waits_for_the_listen(factory):
     psycopg = Psycopg()
     namespace = psycopg.namespace
-    namespace.update(psycopg=psycopg, DSN="unused", Listener=Listener, connect=factory)
+    namespace.update(psycopg=psycopg, DSN="unused", Listener=Recording, connect=factory)
     exec(catch_up_example(), namespace)
     listener: Listener = namespace["listener"]
     try:

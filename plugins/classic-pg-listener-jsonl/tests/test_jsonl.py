@@ -155,7 +155,9 @@ def test_file_closed_after_unregister_and_at_stop(
 
     # Registered again, it appends; stopping the listener closes the file.
     listener.register_plugin(JsonlPlugin([channel], path), "jsonl-b")
-    wait_until(lambda: channel in listener.channels, "the channel listened to")
+    wait_until(lambda: channel in listener.channels, "the registration")
+    # Registered is not listened to yet; a later LISTEN's answer is the barrier.
+    listener.add_callback(print, f"{channel}_barrier").result(WAIT)
     notify(conn, channel, "two")
     hook_waiter.wait("listener_callback_done", 2)
     listener.stop()
