@@ -101,7 +101,13 @@ class _Worker:
                 error_delay = min(error_delay * 2, outbox.poll_interval)
                 continue
             error_delay = ERROR_DELAY
-            due_at = None if due_in is None else time.monotonic() + due_in
+            # A drain woken early (by a notification) must not forget a retry
+            # still to come: keep the earliest one not yet passed.
+            now = time.monotonic()
+            if due_at is not None and due_at <= now:
+                due_at = None
+            if due_in is not None:
+                due_at = now + due_in if due_at is None else min(due_at, now + due_in)
 
 
 class Outbox:
