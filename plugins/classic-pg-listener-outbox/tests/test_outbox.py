@@ -427,3 +427,47 @@ def test_outbox_refuses_wrong_types(make_listener, dsn, channel):
     with pytest.raises(ValueError, match="already"):
         outbox.add_handler(Recorder(), channel)
     outbox.close()
+
+
+def test_lost_worker_connection_is_replaced(make_outbox, dsn, conn, table, channel):
+    app = f"outbox_{channel}"
+    handler = Recorder()
+    listener, outbox = make_outbox(pool=f"{dsn} application_name={app}")
+    outbox.add_handler(handler, channel)
+    listener.start()
+    send(conn, channel, "before", table=table)
+    assert handler.next().payload == "before"
+    terminated = conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE application_name = %s",
+        (app,),
+    ).fetchone()
+    assert terminated == (1,)
+    send(conn, channel, "after", table=table)
+    assert handler.next().payload == "after"
+
+
+def test_missing_table_is_logged_and_retried(
+    make_listener, dsn, conn, channel, caplog, monkeypatch
+):
+    import classic_pg_listener_outbox._outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "ERROR_DELAY", 0.01)
+    name = f"missing_{channel}"
+    listener = make_listener()
+    outbox = Outbox(listener, dsn, table=name)
+    handler = Recorder()
+    outbox.add_handler(handler, channel)
+    listener.start()
+    wait_until(
+        lambda: any("was install() run?" in r.getMessage() for r in caplog.records),
+        "the error line",
+    )
+    try:
+        install(conn, name)
+        send(conn, channel, "at last", table=name)
+        assert handler.next().payload == "at last"
+    finally:
+        listener.stop()
+        listener.join(WAIT)
+        conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))

@@ -181,3 +181,27 @@ def test_messages_sent_while_consumers_are_down_are_handled_when_they_start(
         procs.consumer(channels)
     wait_drained(conn, table, effects, n)
     check_exactly_once(conn, table, effects, channels, n)
+
+
+@pytest.mark.slow
+def test_bench_runs(dsn):
+    """bench/outbox.py, tiny, so that it does not rot."""
+    bench = Path(__file__).parents[3] / "bench" / "outbox.py"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(bench),
+            "--n",
+            "200",
+            "--repeat",
+            "1",
+            "--consumers",
+            "1,2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CLASSIC_PG_LISTENER_TEST_DSN": dsn},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| 2 |" in done.stdout

@@ -86,19 +86,18 @@ class _Worker:
             if due_at is not None:
                 timeout = max(0.0, min(timeout, due_at - time.monotonic()))
             self.wake.wait(timeout)
-            if outbox.closing:
+            if outbox.closing.is_set():
                 return
             self.wake.clear()
             try:
                 due_in = outbox.drain()
-            except Exception:
-                logger.exception(
-                    "outbox %s: draining failed; trying again in %.1f s",
-                    outbox.table,
-                    error_delay,
-                )
-                due_at = time.monotonic() + error_delay
+            except Exception as ex:
+                _log_drain_error(outbox.table, ex, error_delay)
+                # Pause even if woken: a broken server must not make a loop.
+                if outbox.closing.wait(error_delay):
+                    return
                 error_delay = min(error_delay * 2, outbox.poll_interval)
+                self.wake.set()
                 continue
             error_delay = ERROR_DELAY
             # A drain woken early (by a notification) must not forget a retry
@@ -108,6 +107,24 @@ class _Worker:
                 due_at = None
             if due_in is not None:
                 due_at = now + due_in if due_at is None else min(due_at, now + due_in)
+
+
+def _log_drain_error(table: str, ex: Exception, delay: float) -> None:
+    if isinstance(ex, psycopg.errors.UndefinedTable):
+        first_line = str(ex).splitlines()[0]
+        logger.error(
+            "outbox %s: %s (was install() run?); trying again in %.1f s",
+            table,
+            first_line,
+            delay,
+        )
+    else:
+        logger.error(
+            "outbox %s: draining failed; trying again in %.1f s",
+            table,
+            delay,
+            exc_info=ex,
+        )
 
 
 class Outbox:
@@ -199,7 +216,8 @@ class Outbox:
         self._routes: dict[str, Route] = {}
         self._lock = threading.Lock()
         self._started = False
-        self.closing = False
+        self.closing = threading.Event()
+        """Set by ``close()``: the workers stop after their batch."""
         self._workers = [_Worker(self, f"{name}-{i}") for i in range(1, workers + 1)]
         plugin_name = listener.register_plugin(_ListenerHooks(self), name)
         if plugin_name is None:
@@ -268,7 +286,7 @@ class Outbox:
     def start(self) -> None:
         """Start the workers; called by the listener's start, and idempotent."""
         with self._lock:
-            if self._started or self.closing:
+            if self._started or self.closing.is_set():
                 return
             self._started = True
         if self._owns_pool:
@@ -283,7 +301,7 @@ class Outbox:
         stay in the table for the next start, or for other processes.
         """
         with self._lock:
-            self.closing = True
+            self.closing.set()
             started = self._started
         if not started:
             if self._owns_pool:
@@ -309,7 +327,7 @@ class Outbox:
         if not active:
             return None
         with self._pool.connection() as conn:
-            while active and not self.closing:
+            while active and not self.closing.is_set():
                 more = []
                 for channel, route in active:
                     outcome = run_batch(
