@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -437,6 +439,7 @@ def test_lost_worker_connection_is_replaced(make_outbox, dsn, conn, table, chann
     listener.start()
     send(conn, channel, "before", table=table)
     assert handler.next().payload == "before"
+    wait_until(lambda: rows(conn, table) == [], "the commit")  # the conn is idle
     terminated = conn.execute(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
         " WHERE application_name = %s",
@@ -471,3 +474,25 @@ def test_missing_table_is_logged_and_retried(
         listener.stop()
         listener.join(WAIT)
         conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+
+
+def test_stop_is_prompt_while_the_workers_wait_for_a_connection(
+    make_outbox, channel, caplog
+):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    nowhere = f"host=127.0.0.1 port={port} dbname=test user=postgres"
+    listener, outbox = make_outbox(pool=nowhere)
+    outbox.add_handler(Recorder(), channel)
+    listener.start()
+    wait_until(
+        lambda: outbox._pool.get_stats().get("requests_waiting", 0) == 1,
+        "a worker waiting for a connection",
+    )
+    started = time.monotonic()
+    listener.stop()
+    listener.join(WAIT)
+    assert not listener.is_alive()
+    assert time.monotonic() - started < 5  # not the pool's 30 s timeout
+    assert not [r for r in caplog.records if "draining failed" in r.getMessage()]

@@ -92,6 +92,8 @@ class _Worker:
             try:
                 due_in = outbox.drain()
             except Exception as ex:
+                if outbox.closing.is_set():
+                    return  # the pool was closed under a worker waiting for it
                 _log_drain_error(outbox.table, ex, error_delay)
                 # Pause even if woken: a broken server must not make a loop.
                 if outbox.closing.wait(error_delay):
@@ -303,17 +305,18 @@ class Outbox:
         with self._lock:
             self.closing.set()
             started = self._started
-        if not started:
-            if self._owns_pool:
-                self._pool.close()
-            return
         self.wake()
+        if self._owns_pool:
+            # First, so that a worker waiting for a connection (the server
+            # down) gives up at once; a connection in use is closed when its
+            # batch is done and it comes back.
+            self._pool.close()
+        if not started:
+            return
         current = threading.current_thread()
         for worker in self._workers:
             if worker.thread is not current:
                 worker.thread.join(timeout)
-        if self._owns_pool:
-            self._pool.close()
 
     def drain(self) -> float | None:
         """Handle every due message of every handled channel; one worker's loop.
