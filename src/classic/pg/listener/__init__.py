@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from ._stats import ListenerStats
 from .errors import (
     CallbackNotRegistered,
     InvalidChannel,
@@ -13,6 +14,7 @@ from .errors import (
     ListenerStopped,
     PluginError,
     ReconnectFailed,
+    SessionNotKept,
 )
 from .hookspecs import hookimpl, hookspec
 from .listener import Listener
@@ -24,10 +26,12 @@ __all__ = [
     "InvalidChannelType",
     "Listener",
     "ListenerError",
+    "ListenerStats",
     "ListenerStopped",
     "PluginError",
     "PluginInfo",
     "ReconnectFailed",
+    "SessionNotKept",
     "hookimpl",
     "hookspec",
 ]
