@@ -10,15 +10,14 @@ retry they scheduled, or ``poll_interval`` seconds, whichever comes first.
 So nothing depends on a notification arriving: they are only there to make
 a message's handling prompt.
 
+Catching up is the listener's per-channel catch-up
+(``add_callback(..., catch_up=...)``): called once ``LISTEN`` is
+acknowledged, at the first registration and after every reconnection, it
+wakes the workers, who find in the table whatever was sent meanwhile.
+
 The outbox follows its listener's lifecycle through a plugin registered on
 it (``_ListenerHooks``): workers start with the listener (or at once, if it
 is running already) and stop as it stops.
-
-Catching up after a reconnection goes through the ``listener_reconnected``
-hook, which covers every channel at once. A core offering per-channel
-catch-up (``add_callback(callback, channel, catch_up=fn)``) would take its
-place in ``Outbox._subscribe`` alone: ``catch_up=self._wake_channel``, and
-the hook implementation goes.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ doubled per consecutive failure, up to ``poll_interval``."""
 
 
 class _ListenerHooks:
-    """The outbox's plugin on its listener: lifecycle and catch-up, nothing slow."""
+    """The outbox's plugin on its listener: its workers live as long as it does."""
 
     def __init__(self, outbox: Outbox):
         self._outbox = outbox
@@ -57,11 +56,6 @@ class _ListenerHooks:
     @hookimpl
     def listener_started(self) -> None:
         self._outbox.start()
-
-    @hookimpl
-    def listener_reconnected(self) -> None:
-        # Notifications sent while disconnected are lost: look at the table.
-        self._outbox.wake()
 
     @hookimpl
     def listener_stopped(self) -> None:
@@ -265,17 +259,22 @@ class Outbox:
         return future
 
     def _subscribe(self, channel: str) -> Future[None]:
-        """Listen to ``channel``; once it is listened to, look at the table.
+        """Listen to ``channel``, and look at the table whenever ``LISTEN`` took effect.
 
-        A message committed after the first drain and before ``LISTEN`` took
-        effect would wait for the poll otherwise.
+        After a reconnection the notifications sent meanwhile are lost; at the
+        first registration, a message committed after the workers' first
+        drain and before ``LISTEN`` took effect was not notified to us. Both
+        would wait for the poll without the catch-up.
         """
-        future = self._listener.add_callback(self._on_notify, channel)
-        future.add_done_callback(lambda _: self.wake())
-        return future
+        return self._listener.add_callback(
+            self._on_notify, channel, catch_up=self._catch_up
+        )
 
     def _on_notify(self, notify: psycopg.Notify) -> None:
         """The listener's callback: only a wake-up, so it never blocks the listener."""
+        self.wake()
+
+    def _catch_up(self, channel: str) -> None:
         self.wake()
 
     # -- workers ---------------------------------------------------------------
