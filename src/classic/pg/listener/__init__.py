@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 from ._stats import ListenerStats
+from .async_listener import AsyncListener
 from .errors import (
+    BufferOverflow,
     CallbackNotRegistered,
     InvalidChannel,
     InvalidChannelType,
@@ -21,6 +23,8 @@ from .listener import Listener
 from .plugins import PluginInfo
 
 __all__ = [
+    "AsyncListener",
+    "BufferOverflow",
     "CallbackNotRegistered",
     "InvalidChannel",
     "InvalidChannelType",

@@ -113,8 +113,17 @@ def run(loop: Loop, waker_fileno: int, factory: Callable[[], Any]) -> None:
                 error = ex
 
 
-async def run_async(loop: Loop, waker_fileno: int, factory: Callable[[], Any]) -> None:
-    """Drive ``loop`` in the running event loop; it never blocks the event loop."""
+async def run_async(
+    loop: Loop,
+    waker_fileno: int,
+    factory: Callable[[], Any],
+    on_cancel: Callable[[], None] = lambda: None,
+) -> None:
+    """Drive ``loop`` in the running event loop; it never blocks the event loop.
+
+    ``on_cancel`` runs when the task is cancelled, before the cancellation
+    goes into the loop: the callbacks still to run are cancelled with it.
+    """
     event_loop = asyncio.get_running_loop()
     answer: Any = None
     error: BaseException | None = None
@@ -135,6 +144,9 @@ async def run_async(loop: Loop, waker_fileno: int, factory: Callable[[], Any]) -
                 answer = factory()
                 if inspect.isawaitable(answer):
                     answer = await answer
+        except asyncio.CancelledError as ex:
+            on_cancel()
+            error = ex
         except BaseException as ex:
             error = ex
 

@@ -57,3 +57,12 @@ class SessionNotKept(ListenerError):
     session and notifications are silently never delivered. ``run()`` ends
     with it, without retrying: it is a configuration error, not an outage.
     """
+
+
+class BufferOverflow(ListenerError):
+    """A consumer of ``AsyncListener.notifications()`` fell too far behind.
+
+    Raised by the iterator once it has yielded every notification it kept:
+    the ones after them were not kept. A WebSocket or SSE endpoint typically
+    closes the client's stream on it.
+    """
