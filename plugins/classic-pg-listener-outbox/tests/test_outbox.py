@@ -496,3 +496,19 @@ def test_stop_is_prompt_while_the_workers_wait_for_a_connection(
     assert not listener.is_alive()
     assert time.monotonic() - started < 5  # not the pool's 30 s timeout
     assert not [r for r in caplog.records if "draining failed" in r.getMessage()]
+
+
+def test_on_dead_that_raises_is_logged(make_outbox, conn, table, channel, caplog):
+    def on_dead(message: Message, error: str) -> None:
+        raise RuntimeError("on_dead broke")
+
+    listener, outbox = make_outbox(max_attempts=1, on_dead=on_dead)
+    outbox.add_handler(Recorder(fail=lambda m: True), channel)
+    listener.start()
+    send(conn, channel, "doomed", table=table)
+    wait_until(
+        lambda: any("on_dead" in r.getMessage() for r in caplog.records),
+        "the on_dead error line",
+    )
+    ((attempts, is_dead),) = rows(conn, table, "attempts, dead_at IS NOT NULL")
+    assert (attempts, is_dead) == (1, True)
