@@ -212,6 +212,23 @@ def listener_catch_up_done(
 
 
 @hookspec
+def listener_active_changed(listener: Listener, active: bool) -> None:
+    """An ``exclusive`` listener took its lock, or lost it.
+
+    Called in the serving thread (the event loop for ``AsyncListener``) when
+    the listener becomes the one that runs the callbacks (its session took
+    the advisory lock), before the catch-ups it then runs, and when it stops
+    being it (its connection was lost, taking the lock with it). Never
+    called for a listener without ``exclusive``, which is always active.
+
+    :param listener: the listener whose role changed.
+    :param active: ``True`` when it runs the callbacks from now on.
+
+    The return value is ignored.
+    """
+
+
+@hookspec
 def listener_stopped(listener: Listener, error: BaseException | None) -> None:
     """The listener stopped serving.
 
