@@ -74,15 +74,19 @@ class _Worker:
     def _run(self) -> None:
         outbox = self._outbox
         error_delay = ERROR_DELAY
-        due_at: float | None = None
+        # When the retries this worker scheduled are due (monotonic clock).
+        # Each is taken a little after the server's own next_attempt_at, so a
+        # drain that starts after one handles its message.
+        retries: list[float] = []
         while True:
             timeout = outbox.poll_interval
-            if due_at is not None:
-                timeout = max(0.0, min(timeout, due_at - time.monotonic()))
+            if retries:
+                timeout = max(0.0, min(timeout, retries[0] - time.monotonic()))
             self.wake.wait(timeout)
             if outbox.closing.is_set():
                 return
             self.wake.clear()
+            started = time.monotonic()
             try:
                 due_in = outbox.drain()
             except Exception as ex:
@@ -96,13 +100,12 @@ class _Worker:
                 self.wake.set()
                 continue
             error_delay = ERROR_DELAY
-            # A drain woken early (by a notification) must not forget a retry
-            # still to come: keep the earliest one not yet passed.
-            now = time.monotonic()
-            if due_at is not None and due_at <= now:
-                due_at = None
+            # A drain woken early (by a notification) leaves the retries not
+            # yet due for later; the others it has just handled.
+            retries = [due for due in retries if due > started]
             if due_in is not None:
-                due_at = now + due_in if due_at is None else min(due_at, now + due_in)
+                retries.append(time.monotonic() + due_in)
+            retries.sort()
 
 
 def _log_drain_error(table: str, ex: Exception, delay: float) -> None:
