@@ -512,3 +512,21 @@ def test_on_dead_that_raises_is_logged(make_outbox, conn, table, channel, caplog
     )
     ((attempts, is_dead),) = rows(conn, table, "attempts, dead_at IS NOT NULL")
     assert (attempts, is_dead) == (1, True)
+
+
+def test_failures_in_one_batch_are_each_counted(make_outbox, conn, table, channel):
+    dead: queue.Queue[Message] = queue.Queue()
+    handler = Recorder(fail=lambda m: m.payload.startswith("bad"))
+    listener, outbox = make_outbox(
+        max_attempts=3, retry_delay=0.01, on_dead=lambda m, e: dead.put(m)
+    )
+    outbox.add_handler(handler, channel)
+    listener.start()
+    send_many(conn, channel, ["bad 1", "good", "bad 2", "bad 3"], table=table)
+    buried = sorted(
+        (m.payload, m.attempts) for m in (dead.get(timeout=WAIT) for _ in range(3))
+    )
+    assert buried == [("bad 1", 3), ("bad 2", 3), ("bad 3", 3)]
+    seen = sorted(handler.seen.get_nowait().payload for _ in range(10))
+    assert seen == [*["bad 1"] * 3, *["bad 2"] * 3, *["bad 3"] * 3, "good"]
+    assert handler.seen.empty()

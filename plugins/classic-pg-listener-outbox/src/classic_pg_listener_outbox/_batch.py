@@ -134,6 +134,7 @@ def run_batch(
         outcome.more = len(rows) == batch_size
         conn.execute(_SAVEPOINT, prepare=False)
         done: list[int] = []
+        failed: list[tuple[Message, Exception]] = []
         for id_, channel_, payload, attempts, created_at, due_in in rows:
             if due_in > 0:  # ordered only: the head waits for its retry
                 outcome.due_in = due_in
@@ -145,17 +146,21 @@ def run_batch(
                 # Fails if the handler left the transaction failed.
                 conn.execute(_NEXT_SAVEPOINT, prepare=False)
             except Exception as ex:
+                # The savepoint stays, empty, for the next message.
                 conn.execute(_ROLLBACK_TO, prepare=False)
-                _record_failure(conn, queries, message, ex, policy, outcome)
+                failed.append((message, ex))
                 if route.ordered:
-                    # The next message must wait for this one; the channel is
-                    # tried again once the retry is due (or at once if dead).
-                    outcome.more = outcome.due_in is None
-                    break
+                    break  # the next message must wait for this one
             else:
                 done.append(id_)
+        # Last, so that no later rollback to the savepoint undoes them.
         if done:
             conn.execute(queries.complete, (done,))
+        for message, error in failed:
+            _record_failure(conn, queries, message, error, policy, outcome)
+        if route.ordered and failed:
+            # Tried again once the retry is due, or at once if it is dead.
+            outcome.more = outcome.due_in is None
         outcome.handled = len(done)
     return outcome
 
