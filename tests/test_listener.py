@@ -210,19 +210,20 @@ def test_futures_resolve_while_notifications_flow(make_listener, dsn, channel):
     stop_flood = threading.Event()
 
     def send() -> None:
-        # About 100k/s, which a listener keeps up with: the server answers a
+        # About 25k/s, which a listener keeps up with: the server answers a
         # statement only after the notifications queued before it, so a
         # flood faster than the reader would delay any answer without bound
         # (unless the reader buffered it all in memory, which it must not).
         with psycopg.connect(dsn, autocommit=True) as sender:
             batch = 0
-            while not stop_flood.wait(0.005):
+            while not stop_flood.wait(0.02):
                 notify(sender, channel, *(f"{batch}-{i}" for i in range(500)))
                 batch += 1
 
     sender = threading.Thread(target=send)
     sender.start()
     try:
+        wait_until(lambda: bool(flood.calls), "the flood")
         for i in range(50):
             other = f"{channel}_{i}"
             listener.add_callback(print, other).result(WAIT)

@@ -343,7 +343,6 @@ class Core:
         self._statement: Statement | None = None
         self._encoding = "utf-8"
         self.server_codec: str | None = None
-        self.thread_ident: int | None = None
         self.backend_pid: int | None = None
         self._session_pid: int | None = None
         self.reconnects = 0
@@ -365,41 +364,30 @@ class Core:
 
     # -- from any thread ---------------------------------------------------------
 
-    def submit(self, request: Request) -> None:
+    def _accept(self, queue: Any, item: object, future: Future[None]) -> None:
+        """Queue ``item`` for the loop, or fail its future once the loop ended."""
         with self._lock:
             finished = self._finished
             if not finished:
-                self._requests.append(request)
+                queue.append(item)
         if finished:
-            stopped = ListenerStopped("the listener has stopped: nothing was changed")
-            settle(request.future, stopped)
+            settle(future, ListenerStopped("the listener has stopped: nothing done"))
         else:
             self.waker.wake()
+
+    def submit(self, request: Request) -> None:
+        self._accept(self._requests, request, request.future)
 
     def probe(self) -> Future[None]:
         """A future the loop resolves on its next turn: it is not stuck."""
         future: Future[None] = Future()
-        with self._lock:
-            finished = self._finished
-            if not finished:
-                self._probes.append(future)
-        if finished:
-            future.set_exception(ListenerStopped("the listener has stopped"))
-        else:
-            self.waker.wake()
+        self._accept(self._probes, future, future)
         return future
 
     def rotate(self) -> Future[None]:
         """Ask for a new connection that takes over without a gap."""
         future: Future[None] = Future()
-        with self._lock:
-            finished = self._finished
-            if not finished:
-                self._rotations.append(future)
-        if finished:
-            future.set_exception(ListenerStopped("the listener has stopped"))
-        else:
-            self.waker.wake()
+        self._accept(self._rotations, future, future)
         return future
 
     def stop(self) -> None:
@@ -442,7 +430,6 @@ class Core:
 
     def serve(self) -> Loop:
         """Run until ``stop()``; raise what ends it otherwise."""
-        self.thread_ident = threading.get_ident()
         error: BaseException | None = None
         self._host.call("listener_started", listener=self._listener)
         try:
@@ -732,6 +719,8 @@ class Core:
                     continue
                 if self._requests:
                     continue  # those that needed no statement were answered
+            if awaits:
+                continue  # inline coroutine callbacks of that batch: await them now
             if statement is not None:
                 wake_at: float | None = deadline
             elif rotation is not None:

@@ -11,7 +11,10 @@ can stop the listener or the delivery of notifications.
 
 Hooks run in the thread named in their docstring. Those that run in the
 serving thread hold up the reading of notifications while they run: keep them
-short, and hand slow work to a thread of your own.
+short, and hand slow work to a thread of your own. The same plugins serve
+``AsyncListener``: there, "the serving thread" is the event loop's, hooks
+are called in the loop (plain functions, never awaited), and ``listener``
+is the ``AsyncListener``.
 """
 
 from __future__ import annotations
