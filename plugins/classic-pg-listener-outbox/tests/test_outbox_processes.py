@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from classic.pg.listener.testing import wait_until
+from classic.pg.listener.testing import WAIT, wait_until
 
 PROC = [sys.executable, str(Path(__file__).with_name("outbox_proc.py"))]
 DRAIN_TIMEOUT = 120.0
@@ -84,11 +84,11 @@ def count(conn: psycopg.Connection[Any], table: str) -> int:
     return int(row[0])
 
 
-def wait_drained(conn, table, effects, n: int) -> None:
+def wait_drained(conn, table, effects, n: int, timeout=DRAIN_TIMEOUT) -> None:
     wait_until(
         lambda: count(conn, effects) >= n and count(conn, table) == 0,
         f"{n} effects and an empty outbox",
-        DRAIN_TIMEOUT,
+        timeout,
     )
 
 
@@ -137,25 +137,35 @@ def test_three_consumers_handle_30000_messages_exactly_once(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ordered", [False, True], ids=["unordered", "ordered"])
 def test_consumer_killed_mid_handler_loses_and_doubles_nothing(
-    procs, conn, table, effects, channel
+    procs, conn, table, effects, channel, ordered
 ):
     channels = [channel]
     n = 10_000
+    options = ["--ordered"] if ordered else []
     trap = f"{channel}:120"  # in the victim's third batch of 50
     sender = procs.sender(channels, n)
     assert read_line(sender) == "sent"
 
-    victim = procs.consumer(channels, "--trap", trap)
+    victim = procs.consumer(channels, "--trap", trap, *options)
     # Its worker starts with its listener: "trapped" may come before "ready".
     assert {read_line(victim), read_line(victim)} == {"ready", "trapped"}
     # The victim is inside a handler, its batch locked, its writes uncommitted.
-    survivors = [procs.consumer(channels) for _ in range(2)]
-    wait_until(lambda: count(conn, effects) >= n // 3, "the survivors at work")
+    survivors = [procs.consumer(channels, *options) for _ in range(2)]
+    for survivor in survivors:
+        assert read_line(survivor) == "ready"
+    if ordered:
+        # The victim holds the channel: nobody else may take a message of it.
+        assert count(conn, effects) == 100
+    else:
+        # The survivors do everything but the victim's batch of 50, then idle.
+        wait_until(lambda: count(conn, effects) == n - 50, "the rest", DRAIN_TIMEOUT)
     os.kill(victim.pid, signal.SIGKILL)
     assert victim.wait(10) == -signal.SIGKILL
 
-    wait_drained(conn, table, effects, n)
+    # Taken over without waiting for the poll (30 s): nobody sends anything.
+    wait_drained(conn, table, effects, n, timeout=WAIT)
     rows = check_exactly_once(conn, table, effects, channels, n)
     # Alone at first, the victim committed two batches of 50; the third, with
     # the trap, died with it and was handled by the survivors.
@@ -165,6 +175,9 @@ def test_consumer_killed_mid_handler_loses_and_doubles_nothing(
     assert by_victim == set(range(100))
     (trapped,) = [row for row in rows if row[1] == trap]
     assert trapped[2] in {survivor.pid for survivor in survivors}
+    if ordered:
+        handled = [int(payload.split(":")[1]) for _, payload, *_ in rows]
+        assert handled == list(range(n))
 
 
 def test_messages_sent_while_consumers_are_down_are_handled_when_they_start(

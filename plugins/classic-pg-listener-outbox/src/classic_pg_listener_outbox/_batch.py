@@ -26,7 +26,8 @@ transaction in the whole server holds a channel at a time, it takes the
 lowest ids first without skipping any, and stops at the first failure, so
 messages of the channel are handled one after the other in id order. A
 process that does not get the lock leaves the channel to the one that holds
-it, which drains it to the end before it lets go.
+it, which drains it to the end before it lets go, and tries again
+``BUSY_RECHECK`` seconds later, in case the holder died.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ import psycopg
 from ._schema import Queries
 
 logger = logging.getLogger("classic.pg.listener")
+
+BUSY_RECHECK = 1.0
+"""Seconds after which a worker looks again at messages another transaction
+held (an ordered channel's lock, or rows ``SKIP LOCKED`` jumped): the delay
+before the work of a consumer that died is taken over."""
 
 _LOCK_CHANNEL = "SELECT pg_try_advisory_xact_lock(hashtext(%s), hashtext(%s))"
 _SAVEPOINT = "SAVEPOINT outbox_message"
@@ -124,14 +130,18 @@ def run_batch(
         if route.ordered:
             locked = conn.execute(_LOCK_CHANNEL, (queries.table, channel)).fetchone()
             if not (locked and locked[0]):
-                return outcome  # another transaction holds the channel
+                # Another transaction holds the channel. Look again soon: if
+                # its process died, nothing else would say the channel is free.
+                outcome.due_in = BUSY_RECHECK
+                return outcome
             claim = queries.claim_ordered
         else:
             claim = queries.claim
         rows = conn.execute(claim, (channel, batch_size)).fetchall()
-        if not rows:
-            return outcome
         outcome.more = len(rows) == batch_size
+        if not rows:
+            _check_others(conn, queries, channel, route, outcome)
+            return outcome
         conn.execute(_SAVEPOINT, prepare=False)
         done: list[int] = []
         failed: list[tuple[Message, Exception]] = []
@@ -162,7 +172,29 @@ def run_batch(
             # Tried again once the retry is due, or at once if it is dead.
             outcome.more = outcome.due_in is None
         outcome.handled = len(done)
+        _check_others(conn, queries, channel, route, outcome)
     return outcome
+
+
+def _check_others(
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    channel: str,
+    route: Route,
+    outcome: Outcome,
+) -> None:
+    """After a short unordered claim, look again soon if others hold due messages.
+
+    ``SKIP LOCKED`` hid them. Their holder will most likely complete them;
+    if its process died instead, nothing would say they are free again
+    before the poll.
+    """
+    if route.ordered or outcome.more:
+        return
+    row = conn.execute(queries.others_due, (channel,)).fetchone()
+    if row and row[0]:
+        due = BUSY_RECHECK
+        outcome.due_in = due if outcome.due_in is None else min(outcome.due_in, due)
 
 
 def _record_failure(

@@ -93,6 +93,7 @@ class Queries:
     claim: sql.Composed
     claim_ordered: sql.Composed
     complete: sql.Composed
+    others_due: sql.Composed
     retry: sql.Composed
     bury: sql.Composed
 
@@ -139,6 +140,11 @@ class Queries:
                 " ORDER BY id LIMIT %s FOR UPDATE"
             ),
             complete=q("DELETE FROM {t} WHERE id = ANY(%s)"),
+            # After a short claim: are due messages left that others hold?
+            others_due=q(
+                "SELECT EXISTS (SELECT FROM {t} WHERE channel = %s"
+                " AND dead_at IS NULL AND next_attempt_at <= now())"
+            ),
             retry=q(
                 "UPDATE {t} SET attempts = %s, last_error = %s,"
                 " next_attempt_at = clock_timestamp() + make_interval(secs => %s)"
