@@ -530,3 +530,16 @@ def test_failures_in_one_batch_are_each_counted(make_outbox, conn, table, channe
     seen = sorted(handler.seen.get_nowait().payload for _ in range(10))
     assert seen == [*["bad 1"] * 3, *["bad 2"] * 3, *["bad 3"] * 3, "good"]
     assert handler.seen.empty()
+
+
+def test_channel_names_are_taken_as_given(make_outbox, conn, table, channel):
+    mixed = f'Mixed "Case" {channel}'
+    handler = Recorder()
+    listener, outbox = make_outbox(poll_interval=3600)
+    future = outbox.add_handler(handler, mixed)
+    listener.start()
+    future.result(WAIT)
+    send(conn, mixed.lower(), "other channel", table=table)
+    send(conn, mixed, "woken by its notification", table=table)
+    message = handler.next()
+    assert (message.channel, message.payload) == (mixed, "woken by its notification")
