@@ -25,7 +25,7 @@ import psycopg
 
 # The core's own check, so that send() refuses exactly what add_callback()
 # refuses; it is not public (yet), hence the private module.
-from classic.pg.listener._facade import check_channel
+from classic.pg.listener import check_channel
 
 from ._schema import DEFAULT_TABLE, Queries
 
