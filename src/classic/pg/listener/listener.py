@@ -8,6 +8,7 @@ thread of its own (``start()``), like ``threading.Thread``.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -16,12 +17,16 @@ from typing import Any
 
 import psycopg
 from psycopg import Notify
-from typing_extensions import Unpack
 
 from . import _waiting
 from ._dispatch import InlineDispatcher, PoolDispatcher
 from ._facade import ListenerBase, ListenerOptions, check_connection
 from .hookspecs import CatchUp
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # a dependency on 3.10 only
+    from typing_extensions import Unpack
 
 logger = logging.getLogger("classic.pg.listener")
 
