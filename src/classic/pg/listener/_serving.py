@@ -32,6 +32,7 @@ from psycopg import Notify, errors, pq, sql
 
 from ._backoff import Backoff
 from ._dispatch import Delivery, InlineDispatcher, PoolDispatcher
+from ._sequencing import OrderBy
 from .errors import CallbackNotRegistered, ListenerStopped, ReconnectFailed
 from .hookspecs import Callback
 from .plugins import PluginHost
@@ -57,6 +58,7 @@ class Settings:
     max_reconnect_delay: float
     max_reconnect_attempts: int | None
     healthy_after: float
+    order_by: OrderBy = None
 
 
 @dataclass
@@ -162,6 +164,7 @@ class Server:
                 self._callback_done,
                 self._waker.wake,
                 thread_name_prefix=f"{name}-callback",
+                order_by=settings.order_by,
             )
 
     # -- requests from any thread -------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 from psycopg import Notify
 
 from ._backoff import Backoff
+from ._sequencing import OrderBy, key_function
 from ._serving import ConnectionFactory, Request, Server, Settings
 from .errors import InvalidChannel, InvalidChannelType
 from .hookspecs import Callback
@@ -84,9 +85,10 @@ class Listener:
     :param connection_factory: called without arguments, in the serving
         thread, for every (re)connection; must return a
         ``psycopg.Connection`` opened with ``autocommit=True``.
-    :param max_workers: size of the ``ThreadPoolExecutor`` running the
-        callbacks (``None``: the executor's default); ``0`` runs them inline,
-        in the serving thread.
+    :param max_workers: how many threads of the pool may run callbacks
+        (``None``: ``min(32, os.cpu_count() + 4)``, as ``ThreadPoolExecutor``);
+        threads start as work comes; ``0`` runs callbacks inline, in the
+        serving thread.
     :param ping_period: seconds without notifications after which the
         connection is checked with a cheap query; ``0`` never checks.
     :param ping_timeout: seconds the ping, and every ``LISTEN``/``UNLISTEN``,
@@ -107,6 +109,12 @@ class Listener:
         is set.
     :param blocked_plugins: plugin names never to register.
     :param name: names the serving thread and the pool's threads.
+    :param order_by: the pool's order: ``None``, any order; ``"channel"``,
+        in order per channel; a callable ``key(notify) -> Hashable``, in
+        order per key: for two notifications of one key, every callback of
+        the first has returned before any of the second starts. Different
+        keys run side by side. Inline (``max_workers=0``) everything is in
+        order anyway.
     """
 
     def __init__(
@@ -125,6 +133,7 @@ class Listener:
         autoload_plugins: bool | None = None,
         blocked_plugins: Iterable[str] = (),
         name: str | None = None,
+        order_by: OrderBy = None,
     ):
         if not callable(connection_factory):
             raise TypeError(
@@ -148,6 +157,7 @@ class Listener:
         if on_reconnect is not None and not callable(on_reconnect):
             raise TypeError(f"on_reconnect must be callable, got {on_reconnect!r}")
         Backoff(reconnect_delay, max_reconnect_delay)  # checks the two delays
+        key_function(order_by)  # checks order_by
 
         self.name = name or f"pg-listener-{next(_counter)}"
         self._host = PluginHost(self, blocked_plugins)
@@ -163,6 +173,7 @@ class Listener:
                 max_reconnect_delay=max_reconnect_delay,
                 max_reconnect_attempts=max_reconnect_attempts,
                 healthy_after=max(5.0, reconnect_delay),
+                order_by=order_by,
             ),
             self._host,
             on_reconnect,
