@@ -30,7 +30,6 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -178,11 +177,14 @@ def count_instructions(kind: str, dsn: str, n: int) -> int:
             line = receiver.stdout.readline()
             if line.strip() != "ready":
                 receiver.kill()
-                raise RuntimeError(f"{kind}: receiver failed: {receiver.stderr.read()}")
+                _, stderr = receiver.communicate()
+                raise RuntimeError(f"{kind}: receiver failed: {stderr}")
             _send(dsn, channel, n)
             _, stderr = receiver.communicate(timeout=600)
         if receiver.returncode != 0:
-            raise RuntimeError(f"{kind}: receiver exited {receiver.returncode}: {stderr}")
+            raise RuntimeError(
+                f"{kind}: receiver exited {receiver.returncode}: {stderr}"
+            )
         with open(out) as f:
             totals = re.search(r"^(?:totals|summary): (\d+)", f.read(), re.MULTILINE)
         if totals is None:
@@ -250,7 +252,9 @@ def check(
     for kind in CHECKED:
         old, new = baseline["per_notification"][kind], per_notification[kind]
         verdict = "FAIL" if new > old * (1 + tolerance) else "ok"
-        print(f"[{verdict}] {kind}: {new:,.0f} vs baseline {old:,.0f} ({new / old:.2f}x)")
+        print(
+            f"[{verdict}] {kind}: {new:,.0f} vs baseline {old:,.0f} ({new / old:.2f}x)"
+        )
         if verdict == "FAIL":
             failures.append(kind)
     return failures

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import sys
 import threading
@@ -98,7 +97,7 @@ def _log_failure(callback: Callback, notify: Notify) -> None:
     )
 
 
-def run_catch_up(channel: str, run: Callable[[], None]) -> None:
+def run_catch_up(channel: str, run: Callable[[], object]) -> None:
     try:
         run()
     except Exception:
@@ -172,7 +171,7 @@ class InlineDispatcher:
         errors = deliver(batch, self._on_done())
         self._counts.add(batch, errors)
 
-    def catch_up(self, channel: str, run: Callable[[], None]) -> None:
+    def catch_up(self, channel: str, run: Callable[[], object]) -> None:
         run_catch_up(channel, run)
 
     def shutdown(self, timeout: float | None = None) -> bool:
@@ -228,7 +227,7 @@ class PoolDispatcher:
         max_workers: int | None,
         max_backlog: int,
         on_done: Callable[[], CallbackDone | None],
-        wake: Callable[[], None],
+        wake: Callable[[], object],
         thread_name_prefix: str,
         order_by: OrderBy = None,
     ):
@@ -304,7 +303,7 @@ class PoolDispatcher:
             wake = self._helpers()
         self._start(wake)
 
-    def catch_up(self, channel: str, run: Callable[[], None]) -> None:
+    def catch_up(self, channel: str, run: Callable[[], object]) -> None:
         """Run ``run`` in a worker; hold ``channel``'s later deliveries until done."""
         with self._lock:
             self._catch_ups_running += 1
@@ -382,11 +381,7 @@ class PoolDispatcher:
                 worker = self._idle_worker()
             wake.append(worker)
             self._free += 1
-        if (
-            not self._free
-            and self._standby is None
-            and self._busy < self._max_workers
-        ):
+        if not self._free and self._standby is None and self._busy < self._max_workers:
             worker = self._idle_worker()
             worker.standby = True
             worker.seen = self._takes

@@ -61,7 +61,7 @@ def key_function(order_by: object) -> KeyFunction | None:
             f"order_by must be None, {ORDER_BY_CHANNEL!r} or a callable"
             f" key(notify), got {order_by!r}"
         )
-    return order_by  # type: ignore[no-any-return]
+    return order_by
 
 
 def _channel(notify: Notify) -> Hashable:
@@ -78,7 +78,7 @@ class Unit:
 
     deliveries: Sequence[Delivery] = ()
     key: Hashable = None
-    catch_up: Callable[[], None] | None = None
+    catch_up: Callable[[], object] | None = None
     channel: str = ""
 
 
@@ -86,7 +86,7 @@ class Unit:
 class _Hold:
     """A channel whose deliveries wait for its catch-up(s)."""
 
-    waiting: deque[Callable[[], None]] = field(default_factory=deque)
+    waiting: deque[Callable[[], object]] = field(default_factory=deque)
     held: list[Delivery] = field(default_factory=list)
 
 
@@ -141,7 +141,7 @@ class Sequencer:
             return [Unit(batch)]
         return self._ordered(batch)
 
-    def catch_up(self, channel: str, run: Callable[[], None]) -> list[Unit]:
+    def catch_up(self, channel: str, run: Callable[[], object]) -> list[Unit]:
         """Hold ``channel`` until ``run`` finished; the unit if it may run now."""
         hold = self._holds.get(channel)
         if hold is not None:
@@ -199,6 +199,7 @@ class Sequencer:
         key_of = self._key
         assert key_of is not None
         try:
+            keys: list[Hashable]
             if key_of is _channel:
                 keys = [notify[0] for _, notify in batch]
             else:
@@ -207,10 +208,17 @@ class Sequencer:
             # Most batches hold one key (one busy channel): one C-level count.
             if countOf(keys, first) == len(keys):
                 return self._one_key(first, batch)
+            return self._grouped(keys, batch)
         except Exception:  # a key raised, or is unhashable: one by one
-            keys = [self._safe_key(notify) for _, notify in batch]
+            return self._grouped([self._safe_key(n) for _, n in batch], batch)
+
+    def _grouped(
+        self, keys: Sequence[Hashable], batch: Sequence[Delivery]
+    ) -> list[Unit]:
+        """Deliveries of several keys: grouped first (an unhashable key raises
+        before anything changed), then one key at a time."""
         by_key: dict[Hashable, list[Delivery]] = {}
-        for key, delivery in zip(keys, batch):
+        for key, delivery in zip(keys, batch, strict=True):
             chunk = by_key.get(key)
             if chunk is None:
                 by_key[key] = [delivery]
