@@ -184,7 +184,7 @@ def test_no_thread_before_the_first_callback_and_daemon_threads_after():
         assert pool_threads()
         assert all(t.daemon for t in pool_threads())
     finally:
-        assert pool.shutdown(WAIT)
+        pool.shutdown()
     assert pool_threads() == []
 
 
@@ -209,7 +209,7 @@ def test_catch_up_holds_its_channel_while_others_flow():
     release.set()
     wait_until(lambda: "a1" in seen, "the held delivery after the catch-up")
     assert seen.index("catch-up") < seen.index("a1")
-    assert pool.shutdown(WAIT)
+    pool.shutdown()
 
 
 def test_catch_ups_of_different_channels_do_not_wait_for_each_other():
@@ -217,7 +217,7 @@ def test_catch_ups_of_different_channels_do_not_wait_for_each_other():
     barrier = threading.Barrier(2, timeout=WAIT)
     pool.catch_up("a", barrier.wait)  # breaks unless both run at once
     pool.catch_up("b", barrier.wait)
-    assert pool.shutdown(WAIT)
+    pool.shutdown()
     assert not barrier.broken
 
 
@@ -232,7 +232,7 @@ def test_a_raising_catch_up_is_logged_and_delivery_goes_on(caplog):
         pool.catch_up("a", run)
         pool.dispatch([delivery("a", "1", [lambda n: got.set()])])
         assert got.wait(WAIT)
-        assert pool.shutdown(WAIT)
+        pool.shutdown()
     assert "catch-up" in caplog.text
     assert "catch-up failed" in caplog.text
 
@@ -260,12 +260,12 @@ def test_counters_per_channel(inline, caplog):
             [delivery("a", "1", ok), delivery("a", "2", ok), delivery("b", "3", ok)]
         )
         dispatcher.dispatch([delivery("b", "4", [fail, fail]), delivery("a", "5", ok)])
-        assert dispatcher.shutdown(WAIT)
+        dispatcher.shutdown()
     assert dispatcher.delivered() == {"a": 3, "b": 2}
     assert dispatcher.errors() == {"b": 2}
 
 
-def test_shutdown_waits_for_accepted_work_and_can_be_waited_on_in_steps():
+def test_shutdown_waits_for_accepted_work_which_can_be_awaited_in_steps():
     woken = threading.Event()
     pool = PoolDispatcher(2, 100, lambda: None, woken.set, "test-pool")
     release = threading.Event()
@@ -276,10 +276,10 @@ def test_shutdown_waits_for_accepted_work_and_can_be_waited_on_in_steps():
         done.append(n.payload)
 
     pool.dispatch([delivery("a", str(i), [slow]) for i in range(4)])
-    assert pool.shutdown(0.01) is False  # still running: the caller may go on
+    assert pool.drained(0.01) is False  # still running: the caller may go on
     assert pool.backlog == 4
     release.set()
-    assert pool.shutdown(WAIT) is True
+    pool.shutdown()
     assert sorted(done) == ["0", "1", "2", "3"]
     assert woken.is_set()  # the serving thread is told that the work is done
 
@@ -303,7 +303,7 @@ def test_the_done_hook_is_bound_when_a_chunk_runs_not_when_handed_over():
     pool.dispatch([delivery("a", "2", [lambda n: None])])  # queued behind "1"
     current[0] = None  # the plugin is unregistered meanwhile
     release.set()
-    assert pool.shutdown(WAIT)
+    pool.shutdown()
     assert calls == ["1"]
 
 
@@ -315,7 +315,7 @@ def test_a_blocked_worker_does_not_hold_work_that_another_can_take():
     pool.dispatch([delivery("a", "2", [lambda n: got.set()])])
     assert got.wait(WAIT)
     release.set()
-    assert pool.shutdown(WAIT)
+    pool.shutdown()
 
 
 # -- through the Listener, against the server ------------------------------------------
@@ -365,10 +365,10 @@ def test_ordered_pool_keeps_order_per_key_and_runs_keys_side_by_side(
     channels = [f"{channel}_{i}" for i in range(4)]
     key = (lambda n: n.channel) if order_by == "channel" else payload_key
     tracker = Tracker(key, expected=4 * 30, delay=0.002)
-    for ch in channels:
-        listener.add_callback(tracker, ch)
+    futures = [listener.add_callback(tracker, ch) for ch in channels]
     listener.start()
-    wait_until(lambda: len(listener.channels) == 4, "listening")
+    for future in futures:
+        future.result(WAIT)
     for i in range(30):
         for k, ch in enumerate(channels):
             # With the key function, each channel carries all four keys.
@@ -392,9 +392,9 @@ def test_a_slow_key_does_not_hold_the_others(make_listener, conn, channel):
         else:
             others.append(n.payload)
 
-    listener.add_callback(callback, channel)
+    future = listener.add_callback(callback, channel)
     listener.start()
-    wait_until(lambda: channel in listener.channels, "listening")
+    future.result(WAIT)
     notify(conn, channel, "slow:0", "slow:1", *(f"k{i}:0" for i in range(20)))
     try:
         wait_until(lambda: len(others) == 20, "the other keys, while slow waits")
@@ -410,9 +410,9 @@ def test_a_raising_key_function_delivers_under_a_fallback_key(
 
     listener = make_listener(max_workers=2, order_by=key)
     got: list[str] = []
-    listener.add_callback(lambda n: got.append(n.payload), channel)
+    future = listener.add_callback(lambda n: got.append(n.payload), channel)
     listener.start()
-    wait_until(lambda: channel in listener.channels, "listening")
+    future.result(WAIT)
     with caplog.at_level(logging.ERROR, "classic.pg.listener"):
         notify(conn, channel, "1", "2", "3")
         wait_until(lambda: len(got) == 3, "all three delivered")
@@ -423,9 +423,9 @@ def test_a_raising_key_function_delivers_under_a_fallback_key(
 def test_inline_is_in_order_whatever_order_by_says(make_listener, conn, channel):
     listener = make_listener(max_workers=0, order_by=payload_key)
     got: list[str] = []
-    listener.add_callback(lambda n: got.append(n.payload), channel)
+    future = listener.add_callback(lambda n: got.append(n.payload), channel)
     listener.start()
-    wait_until(lambda: channel in listener.channels, "listening")
+    future.result(WAIT)
     sent = [f"{i % 3}:{i}" for i in range(30)]
     notify(conn, channel, *sent)
     wait_until(lambda: len(got) == 30, "all delivered")
@@ -435,9 +435,9 @@ def test_inline_is_in_order_whatever_order_by_says(make_listener, conn, channel)
 def test_an_idle_listener_has_no_pool_thread(make_listener, conn, channel):
     listener = make_listener(name="lazy")
     got = threading.Event()
-    listener.add_callback(lambda n: got.set(), channel)
+    future = listener.add_callback(lambda n: got.set(), channel)
     listener.start()
-    wait_until(lambda: listener.backend_pid is not None, "connected")
+    future.result(WAIT)
 
     def lazy_threads() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t.name.startswith("lazy-")]
@@ -469,9 +469,9 @@ def test_no_callback_done_hook_of_queued_work_after_unregister_plugin(
             started.set()
             assert release.wait(WAIT)
 
-    listener.add_callback(callback, channel)
+    future = listener.add_callback(callback, channel)
     listener.start()
-    wait_until(lambda: channel in listener.channels, "listening")
+    future.result(WAIT)
     notify(conn, channel, "first")
     assert started.wait(WAIT)
     for i in range(5):
@@ -498,10 +498,9 @@ DAEMON_SCRIPT = textwrap.dedent(
 
     listener = Listener(lambda: psycopg.connect(dsn, autocommit=True),
                         max_workers=2, autoload_plugins=False)
-    listener.add_callback(slow, channel)
+    future = listener.add_callback(slow, channel)
     listener.start()
-    while channel not in listener.channels:
-        time.sleep(0.01)
+    future.result(10)
     with psycopg.connect(dsn, autocommit=True) as conn:
         for i in range(20):
             conn.execute("SELECT pg_notify(%s, %s)", (channel, str(i)))

@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+from ._stats import ListenerStats
+from .async_listener import AsyncListener
 from .errors import (
+    BufferOverflow,
     CallbackNotRegistered,
     InvalidChannel,
     InvalidChannelType,
@@ -13,21 +16,26 @@ from .errors import (
     ListenerStopped,
     PluginError,
     ReconnectFailed,
+    SessionNotKept,
 )
 from .hookspecs import hookimpl, hookspec
 from .listener import Listener
 from .plugins import PluginInfo
 
 __all__ = [
+    "AsyncListener",
+    "BufferOverflow",
     "CallbackNotRegistered",
     "InvalidChannel",
     "InvalidChannelType",
     "Listener",
     "ListenerError",
+    "ListenerStats",
     "ListenerStopped",
     "PluginError",
     "PluginInfo",
     "ReconnectFailed",
+    "SessionNotKept",
     "hookimpl",
     "hookspec",
 ]

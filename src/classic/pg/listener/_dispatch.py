@@ -44,7 +44,7 @@ from .hookspecs import Callback
 
 logger = logging.getLogger("classic.pg.listener")
 
-__all__ = ["CallbackDone", "Delivery", "InlineDispatcher", "PoolDispatcher"]
+__all__ = ["CallbackDone", "Counts", "Delivery", "InlineDispatcher", "PoolDispatcher"]
 
 CallbackDone = Callable[[Callback, Notify, float, "BaseException | None"], None]
 """The ``listener_callback_done`` hook, bound to its plugins of the moment."""
@@ -104,7 +104,7 @@ def run_catch_up(channel: str, run: Callable[[], object]) -> None:
         logger.exception("catch-up %r of channel %r raised", run, channel)
 
 
-class _Counts:
+class Counts:
     """Per-channel counters, updated once per chunk, read by the stats."""
 
     def __init__(self) -> None:
@@ -160,7 +160,7 @@ class InlineDispatcher:
 
     def __init__(self, on_done: Callable[[], CallbackDone | None]):
         self._on_done = on_done
-        self._counts = _Counts()
+        self._counts = Counts()
         self.delivered = self._counts.delivered
         self.errors = self._counts.errors
 
@@ -174,8 +174,11 @@ class InlineDispatcher:
     def catch_up(self, channel: str, run: Callable[[], object]) -> None:
         run_catch_up(channel, run)
 
-    def shutdown(self, timeout: float | None = None) -> bool:
+    def drained(self, timeout: float | None = None) -> bool:
         return True
+
+    def shutdown(self) -> None:
+        pass
 
 
 class _Worker:
@@ -247,7 +250,7 @@ class PoolDispatcher:
         self._sequencer = Sequencer(key_function(order_by))
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
-        self._counts = _Counts()
+        self._counts = Counts()
         # Units that may start; a worker takes a share of the first one.
         self._ready: deque[Unit] = deque()
         self._offset = 0  # of the first unit, taken already
@@ -311,13 +314,13 @@ class PoolDispatcher:
             wake = self._helpers()
         self._start(wake)
 
-    def shutdown(self, timeout: float | None = None) -> bool:
-        """Wait for every delivery and catch-up handed over, then end the threads.
+    def drained(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` for every delivery and catch-up handed over.
 
-        Nothing accepted is dropped. Returns ``False`` if ``timeout`` passed
-        first (call again to go on waiting); meanwhile the workers go on,
-        ``wake`` is called once the last one finished, and no lock is held
-        that a callback or a request could wait for.
+        For a loop that goes on answering requests while the pool finishes
+        (a callback may wait on one): ``wake`` is called once the last one
+        finished after ``shutdown()`` or ``drained()`` was first called, and
+        no lock is held meanwhile that a callback or a request could need.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
@@ -327,6 +330,15 @@ class PoolDispatcher:
                 if remaining is not None and remaining <= 0:
                     return False
                 self._drained.wait(remaining)
+            return True
+
+    def shutdown(self) -> None:
+        """Wait for every delivery and catch-up handed over, then end the threads.
+
+        Nothing accepted is dropped.
+        """
+        self.drained()
+        with self._lock:
             self._stopped = True
             idle, self._idle = self._idle, []
             if self._standby is not None:
@@ -338,7 +350,6 @@ class PoolDispatcher:
             worker.wake()
         for worker in workers:
             worker.thread.join()
-        return True
 
     # -- under the lock ----------------------------------------------------------
 
@@ -374,28 +385,41 @@ class PoolDispatcher:
         need += len(self._catch_ups)
         wake: list[_Worker] = []
         while self._free < need and self._free + self._busy < self._max_workers:
-            if self._standby is not None:
-                worker, self._standby = self._standby, None
-                worker.standby = False
+            woken: _Worker | None = self._standby
+            if woken is not None:
+                self._standby = None
+                woken.standby = False
             else:
-                worker = self._idle_worker()
-            wake.append(worker)
+                woken = self._idle_worker()
+            if woken is not None:
+                wake.append(woken)
             self._free += 1
         if not self._free and self._standby is None and self._busy < self._max_workers:
-            worker = self._idle_worker()
+            if self._idle:
+                worker = self._idle.pop()
+                wake.append(worker)
+            else:
+                worker = _Worker(self, f"{self._prefix}_{len(self._workers)}")
+                self._workers.append(worker)
             worker.standby = True
             worker.seen = self._takes
             self._standby = worker
-            wake.append(worker)
+            if worker.thread.ident is None:
+                worker.thread.start()
         return wake
 
-    def _idle_worker(self) -> _Worker:
-        """An idle worker, or a new one (to start outside the lock)."""
+    def _idle_worker(self) -> _Worker | None:
+        """An idle worker to wake, or ``None`` once a new one was started.
+
+        Started here, under the lock, so that two threads handing it work
+        cannot both start it; it runs once the lock is released.
+        """
         if self._idle:
             return self._idle.pop()
         worker = _Worker(self, f"{self._prefix}_{len(self._workers)}")
         self._workers.append(worker)
-        return worker
+        worker.thread.start()
+        return None
 
     def _take(self) -> tuple[Unit, Sequence[Delivery]] | None:
         """The next work for a worker: a unit, and the deliveries to run of it."""
@@ -458,10 +482,7 @@ class PoolDispatcher:
     @staticmethod
     def _start(wake: list[_Worker]) -> None:
         for worker in wake:
-            if worker.thread.ident is None:
-                worker.thread.start()
-            else:
-                worker.wake()
+            worker.wake()
 
     def _work(self, me: _Worker) -> None:
         """A worker's life: take work, run it, account for it; sleep when none."""

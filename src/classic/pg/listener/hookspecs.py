@@ -11,7 +11,10 @@ can stop the listener or the delivery of notifications.
 
 Hooks run in the thread named in their docstring. Those that run in the
 serving thread hold up the reading of notifications while they run: keep them
-short, and hand slow work to a thread of your own.
+short, and hand slow work to a thread of your own. The same plugins serve
+``AsyncListener``: there, "the serving thread" is the event loop's, hooks
+are called in the loop (plain functions, never awaited), and ``listener``
+is the ``AsyncListener``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 Callback = Callable[["Notify"], object]
+CatchUp = Callable[[str], object]
+"""``catch_up(channel)``: reads what the channel's callback may have missed."""
 Register = Callable[[Callback, str], "Future[None]"]
 
 
@@ -177,6 +182,50 @@ def listener_callback_done(
     :param duration: seconds the callback ran.
     :param error: ``None`` when it returned, else the exception it raised
         (which the listener has logged already).
+
+    The return value is ignored.
+    """
+
+
+@hookspec
+def listener_catch_up_done(
+    listener: Listener,
+    channel: str,
+    catch_up: CatchUp,
+    duration: float,
+    error: BaseException | None,
+) -> None:
+    """A catch-up returned or raised.
+
+    Called in the thread (or task) that ran the catch-up, right after it:
+    a pool worker, or the serving thread with ``max_workers=0``. A catch-up
+    runs once its channel's ``LISTEN`` is acknowledged, when its registration
+    is first applied and after every reconnection; the channel's
+    notifications wait for it, whether it returned or raised.
+
+    :param listener: the listener that ran the catch-up.
+    :param channel: the channel it caught up on.
+    :param catch_up: the function given to ``add_callback(catch_up=...)``.
+    :param duration: seconds it ran.
+    :param error: ``None`` when it returned, else the exception it raised
+        (which the listener has logged already).
+
+    The return value is ignored.
+    """
+
+
+@hookspec
+def listener_active_changed(listener: Listener, active: bool) -> None:
+    """An ``exclusive`` listener took its lock, or lost it.
+
+    Called in the serving thread (the event loop for ``AsyncListener``) when
+    the listener becomes the one that runs the callbacks (its session took
+    the advisory lock), before the catch-ups it then runs, and when it stops
+    being it (its connection was lost, taking the lock with it). Never
+    called for a listener without ``exclusive``, which is always active.
+
+    :param listener: the listener whose role changed.
+    :param active: ``True`` when it runs the callbacks from now on.
 
     The return value is ignored.
     """
