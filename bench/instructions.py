@@ -46,6 +46,7 @@ KINDS = (
     "Listener(0)",
     "Listener(pool)",
     "Listener(ordered)",
+    "AsyncListener",
     "asyncpg",
 )
 """The receivers, in the order of the table; the first is the yardstick."""
@@ -87,6 +88,8 @@ def receive(kind: str, dsn: str, channel: str, n: int) -> None:
         _pgconn_floor(dsn, channel, counter)
     elif kind == "asyncpg":
         asyncio.run(_asyncpg(dsn, channel, counter))
+    elif kind == "AsyncListener":
+        asyncio.run(_async_listener(dsn, channel, counter))
     else:
         from classic.pg.listener import Listener
 
@@ -132,6 +135,18 @@ def _pgconn_floor(dsn: str, channel: str, callback: Counter) -> None:
                             pgnotify.be_pid,
                         )
                     )
+
+
+async def _async_listener(dsn: str, channel: str, callback: Counter) -> None:
+    from classic.pg.listener import AsyncListener
+
+    async with AsyncListener(
+        lambda: psycopg.AsyncConnection.connect(dsn, autocommit=True),
+        autoload_plugins=False,
+    ) as listener:
+        await listener.add_callback(callback, channel)
+        _ready()
+        await asyncio.get_running_loop().run_in_executor(None, callback.done.wait)
 
 
 async def _asyncpg(dsn: str, channel: str, callback: Counter) -> None:
