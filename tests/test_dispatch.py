@@ -265,6 +265,17 @@ def test_counters_per_channel(inline, caplog):
     assert dispatcher.errors() == {"b": 2}
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "pool"])
+def test_an_empty_batch_is_nothing_to_do(inline):
+    dispatcher = InlineDispatcher(lambda: None) if inline else make_pool()
+    dispatcher.dispatch([])
+    assert dispatcher.backlog == 0
+    assert dispatcher.delivered() == {}
+    dispatcher.shutdown()
+    if not inline:
+        assert pool_threads() == []
+
+
 def test_shutdown_waits_for_accepted_work_which_can_be_awaited_in_steps():
     woken = threading.Event()
     pool = PoolDispatcher(2, 100, lambda: None, woken.set, "test-pool")

@@ -112,6 +112,8 @@ class Counts:
         self._errors: Counter[str] = Counter()
 
     def add(self, chunk: Sequence[Delivery], errors: dict[str, int] | None) -> None:
+        if not chunk:
+            return
         channels = [notify[0] for _, notify in chunk]
         first = channels[0]
         # Most chunks hold one channel: one C-level count, then one addition.
@@ -300,6 +302,8 @@ class PoolDispatcher:
             return room
 
     def dispatch(self, batch: Sequence[Delivery]) -> None:
+        if not batch:  # all of it held back by the core, say
+            return
         with self._lock:
             self._backlog += len(batch)
             self._ready_units(self._sequencer.push(batch))
