@@ -8,6 +8,7 @@ against the real server.
 from __future__ import annotations
 
 import logging
+import random
 import subprocess
 import sys
 import textwrap
@@ -131,6 +132,18 @@ def test_catch_ups_of_one_channel_run_one_after_the_other():
     (released,) = sequencer.finish(second)
     assert payloads([released]) == [["1"]]
     assert sequencer.finish(other) == []
+
+
+def test_a_key_keeps_its_order_across_channels_while_one_is_held():
+    sequencer = Sequencer(payload_key)
+    (catch_up,) = sequencer.catch_up("a", lambda: None)
+    units = sequencer.push(
+        [delivery("a", "k:1"), delivery("b", "k:2"), delivery("b", "j:3")]
+    )
+    # k:2 is on a free channel but waits behind k:1, held with channel "a".
+    assert payloads(units) == [["j:3"]]
+    (released,) = sequencer.finish(catch_up)
+    assert payloads([released]) == [["k:1", "k:2"]]
 
 
 def test_held_deliveries_keep_their_order_behind_a_running_key():
@@ -539,3 +552,77 @@ def test_interpreter_exit_does_not_run_the_backlog_of_slow_callbacks(dsn, channe
 
 def test_unit_defaults_hold_no_key():
     assert Unit().key is None
+
+
+@pytest.mark.parametrize("order_by", [None, "channel", "key"])
+@pytest.mark.parametrize("workers", [1, 4])
+def test_order_and_holds_survive_random_batches_and_catch_ups(order_by, workers):
+    """Random batches, keys, catch-ups and slow callbacks, checked as they run."""
+    rnd = random.Random(f"{order_by}{workers}")
+    lock = threading.Lock()
+    running: dict[object, int] = {}
+    last: dict[object, int] = {}
+    active: dict[str, set[int]] = {}  # catch-ups called and not finished
+    finished: set[int] = set()
+    waited_for: dict[int, tuple[int, ...]] = {}  # seq -> catch-ups active then
+    problems: list[str] = []
+
+    def key_of(n: Notify) -> object:
+        return None if order_by is None else payload_key(n)
+
+    def callback(n: Notify) -> None:
+        key, seq = key_of(n), int(n.payload.split(":")[1])
+        with lock:
+            if key is not None:
+                running[key] = running.get(key, 0) + 1
+                if running[key] > 1:
+                    problems.append(f"{key} ran twice at once")
+                if seq < last.get(key, -1):
+                    problems.append(f"{key}: {seq} after {last[key]}")
+                last[key] = seq
+            problems.extend(
+                f"{seq} ran before catch-up {c}"
+                for c in waited_for[seq]
+                if c not in finished
+            )
+        if rnd.random() < 0.05:
+            time.sleep(0.0005)
+        with lock:
+            if key is not None:
+                running[key] -= 1
+
+    pool = make_pool(
+        workers, order_by={"key": payload_key}.get(order_by or "", order_by)
+    )
+    seq = catch_ups = sent = 0
+    for _ in range(200):
+        batch = []
+        for _ in range(rnd.randint(1, 40)):
+            channel = f"c{rnd.randint(0, 5)}"
+            # "channel": the payload's key is the channel, as order_by sees it.
+            key = channel if order_by == "channel" else f"k{rnd.randint(0, 7)}"
+            batch.append(delivery(channel, f"{key}:{seq}", [callback]))
+            seq += 1
+        with lock:
+            for _, n in batch:
+                waited_for[int(n.payload.split(":")[1])] = tuple(
+                    active.get(n.channel, ())
+                )
+        pool.dispatch(batch)
+        sent += len(batch)
+        if rnd.random() < 0.1:
+            channel, catch_ups = f"c{rnd.randint(0, 5)}", catch_ups + 1
+            with lock:
+                active.setdefault(channel, set()).add(catch_ups)
+
+            def run(channel: str = channel, number: int = catch_ups) -> None:
+                time.sleep(rnd.random() * 0.002)
+                with lock:
+                    active[channel].discard(number)
+                    finished.add(number)
+
+            pool.catch_up(channel, run)
+    pool.shutdown()
+    assert problems == []
+    assert sum(pool.delivered().values()) == sent
+    assert pool.backlog == 0

@@ -87,7 +87,6 @@ class _Hold:
     """A channel whose deliveries wait for its catch-up(s)."""
 
     waiting: deque[Callable[[], object]] = field(default_factory=deque)
-    held: list[Delivery] = field(default_factory=list)
 
 
 class _Fallback:
@@ -123,17 +122,22 @@ class Sequencer:
         # the deliveries that came meanwhile.
         self._keys: dict[Hashable, deque[Delivery]] = {}
         self._holds: dict[str, _Hold] = {}
+        # Deliveries held back, in the order pushed, with their keys: those
+        # of held channels, and (with a key) those of a key held already, so
+        # that a key's order holds across channels too.
+        self._held: list[tuple[Hashable, Delivery]] = []
+        self._held_keys: set[Hashable] = set()
         self.waiting = 0
         """Deliveries pushed that no returned unit holds yet."""
 
     @property
     def idle(self) -> bool:
         """No unit out (running or to run) that must be finished."""
-        return not self._keys and not self._holds
+        return not self._keys and not self._holds and not self._held
 
     def push(self, batch: Sequence[Delivery]) -> list[Unit]:
         """Take deliveries in the order read; return the units that may start."""
-        if self._holds:
+        if self._holds or self._held:
             batch = self._hold(batch)
             if not batch:
                 return []
@@ -172,15 +176,18 @@ class Sequencer:
         return Unit(chunk, key)
 
     def _hold(self, batch: Sequence[Delivery]) -> list[Delivery]:
-        """Put the deliveries of held channels aside; return the others."""
-        holds = self._holds
+        """Put aside what must wait for a catch-up; return the others."""
+        holds, held, held_keys = self._holds, self._held, self._held_keys
+        keyed = self._key is not None and self._key is not _channel
         free = []
         for delivery in batch:
-            hold = holds.get(delivery[1][0])
-            if hold is None:
-                free.append(delivery)
+            key = self._safe_key(delivery[1]) if keyed else None
+            if delivery[1][0] in holds or (keyed and key in held_keys):
+                held.append((key, delivery))
+                if keyed:
+                    held_keys.add(key)
             else:
-                hold.held.append(delivery)
+                free.append(delivery)
         self.waiting += len(batch) - len(free)
         return free
 
@@ -189,11 +196,26 @@ class Sequencer:
         if hold.waiting:
             return [Unit(catch_up=hold.waiting.popleft(), channel=channel)]
         del self._holds[channel]
-        held = hold.held
-        if not held:
+        # Release, in order, what no other hold keeps: neither its channel,
+        # nor (with a key) an earlier delivery of its key still held.
+        keyed = self._key is not None and self._key is not _channel
+        still: list[tuple[Hashable, Delivery]] = []
+        blocked: set[Hashable] = set()
+        released: list[Delivery] = []
+        for key, delivery in self._held:
+            if delivery[1][0] in self._holds or (keyed and key in blocked):
+                still.append((key, delivery))
+                if keyed:
+                    blocked.add(key)
+            else:
+                released.append(delivery)
+        self._held, self._held_keys = still, blocked
+        if not released:
             return []
-        self.waiting -= len(held)
-        return self.push(held)
+        self.waiting -= len(released)
+        if self._key is None:
+            return [Unit(released)]
+        return self._ordered(released)
 
     def _ordered(self, batch: Sequence[Delivery]) -> list[Unit]:
         key_of = self._key
