@@ -152,7 +152,7 @@ class Statement:
                     " client encoding %r (that notification is lost): %s",
                     self.query[:60].decode("utf-8", "replace"),
                     encoding,
-                    error,
+                    str(error),
                 )
         return own
 
@@ -483,7 +483,7 @@ class Core:
                 logger.warning(
                     "connection attempt %d failed (%s); next in %.2f s",
                     failures,
-                    ex.__cause__ or ex,
+                    str(ex.__cause__ or ex),
                     delay,
                 )
                 yield from self._sleep(delay)
@@ -508,7 +508,10 @@ class Core:
                 yield from self._serve_connection()
             except ConnectionLost as ex:
                 error = ex.__cause__ or ex
-                logger.warning("connection lost: %s; reconnecting", error)
+                # Text, not the exception: a handler that keeps records (as
+                # pytest's does) would keep its traceback's frames, and with
+                # them the whole listener, alive.
+                logger.warning("connection lost: %s; reconnecting", str(error))
                 self._abandon_statement(error)
                 yield from self._close()
                 self._host.call(
@@ -874,7 +877,7 @@ class Core:
                     raise  # the old connection's loss: reconnect
                 error = public_error(ex)
                 logger.warning(
-                    "rotation failed, the current connection goes on: %s", error
+                    "rotation failed, the current connection goes on: %s", str(error)
                 )
                 for future in futures:
                     settle(future, error)

@@ -306,7 +306,15 @@ class Listener(ListenerBase):
         """
         if not self._started:
             raise RuntimeError("cannot join a listener that was not started")
-        self._done.wait(timeout)
+        thread = self._thread
+        # The thread itself ends a moment after it is done: wait for it too,
+        # so that no thread of the listener outlives join().
+        if (
+            self._done.wait(timeout)
+            and thread is not None
+            and thread is not threading.current_thread()
+        ):
+            thread.join(timeout)
 
     def is_alive(self) -> bool:
         """Whether the listener was started and has not finished stopping."""
