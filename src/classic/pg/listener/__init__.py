@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from ._facade import check_channel
 from ._stats import ListenerStats
 from .async_listener import AsyncListener
 from .errors import (
@@ -36,6 +37,7 @@ __all__ = [
     "PluginInfo",
     "ReconnectFailed",
     "SessionNotKept",
+    "check_channel",
     "hookimpl",
     "hookspec",
 ]

@@ -128,15 +128,6 @@ class AsyncListener(ListenerBase):
                 ) from None
         return asyncio.wrap_future(make(), loop=loop)
 
-    def __repr__(self) -> str:
-        if self._finished:
-            state = "stopped"
-        elif self._started:
-            state = "connected" if self.backend_pid else "disconnected"
-        else:
-            state = "initial"
-        return f"<AsyncListener {self.name} {state}>"
-
     # -- callbacks -------------------------------------------------------------
 
     def add_callback(

@@ -182,15 +182,6 @@ class Listener(ListenerBase):
     def _new_future(self) -> Future[None]:
         return _RequestFuture(self)
 
-    def __repr__(self) -> str:
-        if self._done.is_set():
-            state = "stopped"
-        elif self._started:
-            state = "connected" if self.backend_pid else "disconnected"
-        else:
-            state = "initial"
-        return f"<Listener {self.name} {state}>"
-
     # -- callbacks -------------------------------------------------------------
 
     def add_callback(
