@@ -25,7 +25,13 @@ from typing import Any, Protocol
 
 import psycopg
 
-KINDS = ("raw psycopg", "asyncpg", "Listener(0)", "Listener(pool)")
+KINDS = (
+    "raw psycopg",
+    "asyncpg",
+    "Listener(0)",
+    "Listener(pool)",
+    "Listener(ordered)",
+)
 """The receivers, in the order of the table; the first is the yardstick."""
 
 NOTIFY_SQL = "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) p"
@@ -210,10 +216,11 @@ class Asyncpg:
 
 
 class Ours:
-    """(c), (d) This library's ``Listener``, inline or with its default pool."""
+    """(c), (d), (e) This library's ``Listener``: inline, default pool, ordered."""
 
-    def __init__(self, max_workers: int | None):
+    def __init__(self, max_workers: int | None, order_by: str | None = None):
         self._max_workers = max_workers
+        self._order_by = order_by
 
     def start(self, dsn: str, channel: str, callback: Callback, n: int) -> None:
         from classic.pg.listener import Listener
@@ -222,6 +229,7 @@ class Ours:
             lambda: psycopg.connect(dsn, autocommit=True),
             max_workers=self._max_workers,
             autoload_plugins=False,
+            order_by=self._order_by,
         )
         future = self._listener.add_callback(callback, channel)
         self._listener.start()
@@ -243,6 +251,8 @@ def make_receiver(kind: str) -> Receiver:
         return Ours(0)
     if kind == "Listener(pool)":
         return Ours(None)
+    if kind == "Listener(ordered)":
+        return Ours(None, order_by="channel")
     raise ValueError(f"unknown receiver {kind!r}")
 
 

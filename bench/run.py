@@ -307,6 +307,26 @@ def targets(results: Results, args: argparse.Namespace) -> list[str]:
                     f"{ours / raw:.2f} x raw, {ours / apg:.2f} x asyncpg",
                 )
             )
+    inline = med("drain", "Listener(0)")
+    for kind, floor in (("Listener(pool)", 0.9), ("Listener(ordered)", 0.8)):
+        ours = med("drain", kind)
+        if ours and inline:
+            out.append(
+                check(
+                    f"{kind} throughput >= {floor} x Listener(0)",
+                    ours >= floor * inline,
+                    f"{ours / inline:.2f} x Listener(0)",
+                )
+            )
+    inline50, pool50 = med("p50", "Listener(0)"), med("p50", "Listener(pool)")
+    if inline50 is not None and pool50 is not None:
+        out.append(
+            check(
+                "Listener(pool) p50 <= Listener(0) p50 + 20 us",
+                pool50 - inline50 <= 20,
+                f"{pool50 - inline50:+.0f} us",
+            )
+        )
     raw50 = med("p50", "raw psycopg")
     for kind in KINDS[2:]:
         p50 = med("p50", kind)
