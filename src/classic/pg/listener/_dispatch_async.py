@@ -9,7 +9,9 @@ time, in order: ``dispatch()`` calls the plain ones at once and hands back an
 awaitable only when a callback returned one, so a batch of plain callbacks
 costs no task and no await. Otherwise ``max_concurrency`` worker tasks take
 deliveries from a queue: no task per notification, and never more callbacks
-running at once than workers. The backlog is bounded as in the thread pool.
+running at once than workers. The backlog is bounded as in the thread pool,
+and order per key and catch-up holds follow ``_sequencing.Sequencer``, the
+pool's rules.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from ._core import Delivery
 from ._dispatch import CallbackDone, Counts, _log_failure
+from ._sequencing import OrderBy, Sequencer, Unit, key_function
 
 _count_into = Counter.update
 _notify_of = itemgetter(1)
@@ -78,6 +81,51 @@ def _run_one(
     if on_done is not None:
         on_done(callback, notify, time.perf_counter() - started, None)
     return None
+
+
+def _call(
+    callbacks: Sequence[Any], notify: Any, counts: Counts, on_done: CallbackDone | None
+) -> Awaitable[None] | None:
+    """A delivery's callbacks in order; an awaitable for the rest once one must be
+    awaited. Without a hook, plain callbacks cost no clock reading."""
+    position = 0
+    for callback in callbacks:
+        position += 1
+        if on_done is None:
+            try:
+                result = callback(notify)
+            except Exception:
+                counts._errors[notify[0]] += 1
+                _log_failure(callback, notify)
+                continue
+            if result is None or not inspect.isawaitable(result):
+                continue
+            pending: Awaitable[None] = _await_callback(
+                result, notify, callback, counts, None, 0.0
+            )
+        else:
+            maybe = _run_one(callback, notify, counts, on_done)
+            if maybe is None:
+                continue
+            pending = maybe
+        if position < len(callbacks):
+            return _then(pending, callbacks[position:], notify, counts, on_done)
+        return pending
+    return None
+
+
+async def _then(
+    first: Awaitable[None],
+    callbacks: Sequence[Any],
+    notify: Any,
+    counts: Counts,
+    on_done: CallbackDone | None,
+) -> None:
+    await first
+    for callback in callbacks:
+        pending = _run_one(callback, notify, counts, on_done)
+        if pending is not None:
+            await pending
 
 
 async def _deliver(
@@ -170,7 +218,18 @@ class InlineDispatcher(Counts):
 
 
 class TaskDispatcher(Counts):
-    """Worker tasks running callbacks concurrently, with a bounded backlog."""
+    """Worker tasks running callbacks concurrently, with a bounded backlog.
+
+    ``_sequencing.Sequencer`` decides what may start (order per key,
+    catch-up holds); the queue holds its units, each with the index of its
+    first delivery not yet taken. A worker runs a unit's plain callbacks one
+    after the other without awaiting; at the first callback that returns an
+    awaitable, the rest of an unordered unit goes back to the queue for
+    another worker, while a keyed unit stays with its worker, in order.
+
+    :param order_by: ``None``, ``"channel"`` or ``key(notify)``: see
+        ``_sequencing``.
+    """
 
     def __init__(
         self,
@@ -179,6 +238,7 @@ class TaskDispatcher(Counts):
         on_done: Callable[[], CallbackDone | None],
         wake: Callable[[], None],
         name: str,
+        order_by: OrderBy = None,
     ):
         super().__init__()
         self._workers_wanted = max_concurrency or DEFAULT_CONCURRENCY
@@ -187,11 +247,10 @@ class TaskDispatcher(Counts):
         self._on_done = on_done
         self._wake = wake
         self._name = name
-        self._queue: deque[Delivery] = deque()
+        self._sequencer = Sequencer(key_function(order_by))
+        self._queue: deque[tuple[Unit, int]] = deque()
         self._idle: deque[asyncio.Future[None]] = deque()
         self._workers: set[asyncio.Task[None]] = set()
-        self._holding: dict[str, list[Delivery]] = {}
-        self._catching: dict[str, asyncio.Task[None]] = {}
         self._backlog = 0
         self._wake_when_drained = False
         self._closing = False
@@ -207,26 +266,35 @@ class TaskDispatcher(Counts):
         return room
 
     def dispatch(self, batch: Sequence[Delivery]) -> None:
+        if not batch:
+            return
         self._backlog += len(batch)
-        holding = self._holding
-        if holding:
-            for delivery in batch:
-                held = holding.get(delivery[1][0])
-                if held is None:
-                    self._queue.append(delivery)
-                else:
-                    held.append(delivery)
-        else:
-            self._queue.extend(batch)
-        self._kick()
+        self._ready(self._sequencer.push(batch))
+
+    def catch_up(self, channel: str, run: Callable[[], object]) -> None:
+        """Run ``run`` in a worker; hold ``channel``'s later deliveries until done."""
+        self._ready(self._sequencer.catch_up(channel, run))
+
+    def _ready(self, units: list[Unit]) -> None:
+        for unit in units:
+            if unit.catch_up is not None:
+                self._queue.appendleft((unit, 0))  # first, so a hold ends soon
+            else:
+                self._queue.append((unit, 0))
+        if units:
+            self._kick()
 
     def _kick(self) -> None:
-        """Wake idle workers, and start more while the queue outnumbers them."""
+        """Wake idle workers, else start more while the queue outnumbers them."""
         queue, idle = self._queue, self._idle
+        woke = False
         while idle and queue:
             waiter = idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                woke = True
+        if woke:
+            return
         while queue and len(self._workers) < self._workers_wanted:
             task = asyncio.get_running_loop().create_task(
                 self._work(), name=f"{self._name}-callback-{len(self._workers) + 1}"
@@ -236,8 +304,18 @@ class TaskDispatcher(Counts):
             if len(self._workers) >= len(queue):
                 break
 
+    def _account(self, chunk: Sequence[Delivery]) -> None:
+        """Deliveries whose callbacks all ran: counted, out of the backlog."""
+        if not chunk:
+            return
+        self.add(chunk, None)
+        self._backlog -= len(chunk)
+        if self._wake_when_drained and self._backlog <= self._low_water:
+            self._wake_when_drained = False
+            self._wake()
+
     async def _work(self) -> None:
-        queue, counts, loop = self._queue, self, asyncio.get_running_loop()
+        queue, loop = self._queue, asyncio.get_running_loop()
         while True:
             if not queue:
                 if self._closing:
@@ -246,57 +324,45 @@ class TaskDispatcher(Counts):
                 self._idle.append(waiter)
                 await waiter
                 continue
-            callbacks, notify = queue.popleft()
+            unit, start = queue.popleft()
+            if unit.catch_up is not None:
+                await _run_catch_up(unit.catch_up)
+                self._ready(self._sequencer.finish(unit))
+                continue
+            deliveries = unit.deliveries
+            # The hook's plugins of now, not of when the batch came.
             on_done = self._on_done()
-            for callback in callbacks:
-                pending = _run_one(callback, notify, counts, on_done)
-                if pending is not None:
-                    await pending
-            counts._delivered[notify[0]] += 1
-            self._backlog -= 1
-            if self._wake_when_drained and self._backlog <= self._low_water:
-                self._wake_when_drained = False
-                self._wake()
-
-    def catch_up(self, channel: str, run: Callable[[], object]) -> None:
-        previous = self._catching.get(channel)
-        self._holding.setdefault(channel, [])
-        task = asyncio.get_running_loop().create_task(
-            self._catch_up(channel, run, previous)
-        )
-        self._catching[channel] = task
-
-    async def _catch_up(
-        self,
-        channel: str,
-        run: Callable[[], object],
-        previous: asyncio.Task[None] | None,
-    ) -> None:
-        if previous is not None:
-            await asyncio.shield(previous)  # catch-ups of a channel run in turn
-        await _run_catch_up(run)
-        if self._catching.get(channel) is asyncio.current_task():
-            del self._catching[channel]
-            held = self._holding.pop(channel, [])
-            self._queue.extend(held)
-            self._kick()
+            keyed = unit.key is not None
+            index, end = start, len(deliveries)
+            while index < end:
+                callbacks, notify = deliveries[index]
+                index += 1
+                pending = _call(callbacks, notify, self, on_done)
+                if pending is None:
+                    continue
+                self._account(deliveries[start : index - 1])
+                start = index - 1
+                if not keyed and index < end:
+                    queue.appendleft((unit, index))  # the rest, for another worker
+                    end = index
+                    self._kick()
+                await pending
+            self._account(deliveries[start:index])
+            if keyed:
+                self._ready(self._sequencer.finish(unit))
 
     async def shutdown(self) -> None:
-        """Let the workers finish what was accepted, then end them."""
-        while self._catching:
-            await asyncio.gather(*self._catching.values(), return_exceptions=True)
+        """Let the workers finish what was accepted, catch-ups too, then end them."""
         self._closing = True
         for waiter in self._idle:
             if not waiter.done():
                 waiter.set_result(None)
         self._idle.clear()
-        if self._workers:
+        while self._workers:
             await asyncio.gather(*self._workers, return_exceptions=True)
 
     def cancel(self) -> None:
         """The serving task was cancelled: so are the callbacks still to run."""
         self._queue.clear()
-        for held in self._holding.values():
-            held.clear()
-        for task in [*self._workers, *self._catching.values()]:
+        for task in self._workers:
             task.cancel()

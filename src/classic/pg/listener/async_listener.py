@@ -30,6 +30,7 @@ from ._facade import (
     check_channel,
     check_connection,
 )
+from ._sequencing import OrderBy, key_function
 from .errors import BufferOverflow
 from .hookspecs import CatchUp
 
@@ -60,6 +61,13 @@ class AsyncListener(ListenerBase):
         ``max_reconnect_delay``, ``max_reconnect_attempts``, ``on_reconnect``,
         ``plugins``, ``autoload_plugins``, ``blocked_plugins``, ``name``,
         ``exclusive``, ``max_connection_age``, ``tcp_keepalive``.
+    :param order_by: the workers' order, as ``Listener``'s: ``None``, any
+        order; ``"channel"``, in order per channel; a callable
+        ``key(notify) -> Hashable``, in order per key: for two notifications
+        of one key, every callback of the first has returned (its coroutine
+        finished) before any of the second starts. Different keys run side by
+        side, up to ``max_concurrency``. With ``max_concurrency=0`` everything
+        is in order anyway.
 
     Callbacks may be ``async def`` functions, awaited, or plain functions,
     called in the event loop: a plain function holds the whole loop while it
@@ -74,6 +82,8 @@ class AsyncListener(ListenerBase):
         connection_factory: AsyncConnectionFactory,
         max_concurrency: int | None = None,
         ping_period: float = 60,
+        *,
+        order_by: OrderBy = None,
         **options: Unpack[ListenerOptions],
     ):
         if max_concurrency is not None and (
@@ -83,6 +93,8 @@ class AsyncListener(ListenerBase):
                 f"max_concurrency must be None or >= 0, got {max_concurrency!r}"
             )
         self._max_concurrency = max_concurrency
+        key_function(order_by)  # checks order_by
+        self._order_by = order_by
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -105,6 +117,7 @@ class AsyncListener(ListenerBase):
             on_done,
             wake,
             self.name,
+            order_by=self._order_by,
         )
 
     def _check_connection(self, conn: object) -> psycopg.AsyncConnection[Any]:
