@@ -46,6 +46,7 @@ KINDS = (
     "Listener(0)",
     "Listener(pool)",
     "Listener(ordered)",
+    "AsyncListener(0)",
     "AsyncListener",
     "asyncpg",
 )
@@ -88,8 +89,9 @@ def receive(kind: str, dsn: str, channel: str, n: int) -> None:
         _pgconn_floor(dsn, channel, counter)
     elif kind == "asyncpg":
         asyncio.run(_asyncpg(dsn, channel, counter))
-    elif kind == "AsyncListener":
-        asyncio.run(_async_listener(dsn, channel, counter))
+    elif kind in ("AsyncListener", "AsyncListener(0)"):
+        inline = kind == "AsyncListener(0)"
+        asyncio.run(_async_listener(dsn, channel, counter, 0 if inline else None))
     else:
         from classic.pg.listener import Listener
 
@@ -137,11 +139,14 @@ def _pgconn_floor(dsn: str, channel: str, callback: Counter) -> None:
                     )
 
 
-async def _async_listener(dsn: str, channel: str, callback: Counter) -> None:
+async def _async_listener(
+    dsn: str, channel: str, callback: Counter, max_concurrency: int | None
+) -> None:
     from classic.pg.listener import AsyncListener
 
     async with AsyncListener(
         lambda: psycopg.AsyncConnection.connect(dsn, autocommit=True),
+        max_concurrency,
         autoload_plugins=False,
     ) as listener:
         await listener.add_callback(callback, channel)
