@@ -1477,3 +1477,117 @@ async def test_fastapi_example_refuses_a_bad_channel(dsn):
             refused = await within(client.get("/events/" + "x" * 64))
     assert refused.status_code == 400
     assert "63" in refused.json()["detail"]
+
+
+# -- order_by ------------------------------------------------------------------------
+
+
+def _entity(notify: Notify) -> str:
+    return notify.payload.split(":")[0]
+
+
+@pytest.mark.parametrize("max_concurrency", [None, 0])
+async def test_order_by_key_runs_a_key_in_order_and_keys_side_by_side(
+    make_listener, aconn, channel, max_concurrency
+):
+    """A then B of one key: A's coroutine has finished before B's starts."""
+    running: dict[str, int] = {}
+    seen: dict[str, list[int]] = {}
+    overlaps: list[int] = []
+    total = 16
+    done = asyncio.Event()
+
+    async def callback(notify: Notify) -> None:
+        key, number = notify.payload.split(":")
+        assert not running.get(key), f"two callbacks of key {key} at once"
+        running[key] = 1
+        overlaps.append(sum(running.values()))
+        # Early ones sleep longest: without the order, later ones would overtake.
+        await asyncio.sleep(0.002 * (8 - int(number)))
+        seen.setdefault(key, []).append(int(number))
+        running[key] = 0
+        if sum(map(len, seen.values())) == total:
+            done.set()
+
+    listener = make_listener(max_concurrency=max_concurrency, order_by=_entity)
+    listener.start()
+    await within(listener.add_callback(callback, channel))
+    await anotify(aconn, channel, *(f"{k}:{i}" for i in range(8) for k in "ab"))
+    await within(done.wait())
+    assert seen == {"a": list(range(8)), "b": list(range(8))}
+    if max_concurrency is None:
+        assert max(overlaps) == 2  # the two keys ran side by side
+    else:
+        assert max(overlaps) == 1
+
+
+async def test_order_by_channel_keeps_each_channels_order(
+    make_listener, aconn, channel
+):
+    seen: list[tuple[str, int]] = []
+    done = asyncio.Event()
+
+    async def callback(notify: Notify) -> None:
+        await asyncio.sleep(0.001 * (5 - int(notify.payload)))
+        seen.append((notify.channel, int(notify.payload)))
+        if len(seen) == 10:
+            done.set()
+
+    listener = make_listener(order_by="channel")
+    listener.start()
+    await within(listener.add_callback(callback, channel))
+    await within(listener.add_callback(callback, f"{channel}_2"))
+    await anotify(aconn, channel, *map(str, range(5)))
+    await anotify(aconn, f"{channel}_2", *map(str, range(5)))
+    await within(done.wait())
+    for name in (channel, f"{channel}_2"):
+        assert [n for c, n in seen if c == name] == list(range(5))
+
+
+async def test_order_by_key_that_raises_is_logged_and_delivered(
+    make_listener, aconn, channel, caplog
+):
+    def key(notify: Notify) -> str:
+        if notify.payload == "bad":
+            raise ValueError("no key")
+        return notify.payload
+
+    inbox = Inbox()
+    listener = make_listener(order_by=key)
+    listener.start()
+    await within(listener.add_callback(inbox, channel))
+    await anotify(aconn, channel, "one", "bad", "two")
+    payloads = [(await within(inbox.get())).payload for _ in range(3)]
+    assert sorted(payloads) == ["bad", "one", "two"]
+    assert "order_by key" in caplog.text
+
+
+@pytest.mark.parametrize("order_by", ["entity", 42, ("channel",)])
+async def test_bad_order_by_is_refused_by_the_constructor(afactory, order_by):
+    with pytest.raises((ValueError, TypeError), match="order_by"):
+        AsyncListener(afactory, order_by=order_by, autoload_plugins=False)
+
+
+async def test_catch_up_holds_its_channel_with_order_by_channel(
+    make_listener, aconn, channel
+):
+    """Other channels flow while one channel's catch-up runs; its own wait."""
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    async def catch_up(name: str) -> None:
+        started.set()
+        await gate.wait()
+
+    held, other = Inbox(), Inbox()
+    listener = make_listener(order_by="channel", **FAST)
+    listener.add_callback(held, channel, catch_up=catch_up)
+    listener.add_callback(other, f"{channel}_other")
+    listener.start()
+    await within(started.wait())
+    await anotify(aconn, channel, "1", "2")
+    await anotify(aconn, f"{channel}_other", "x")
+    assert (await within(other.get())).payload == "x"
+    assert held.queue.empty()
+    gate.set()
+    assert [(await within(held.get())).payload for _ in range(2)] == ["1", "2"]
