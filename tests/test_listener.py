@@ -28,13 +28,18 @@ class Recorder:
         self.expected = expected
         self.calls: list[tuple[Notify, str]] = []
         self.done = threading.Event()
+        self.first = threading.Event()
         self._lock = threading.Lock()
 
     def __call__(self, notify: Notify) -> None:
         with self._lock:
             self.calls.append((notify, threading.current_thread().name))
+            self.first.set()
             if len(self.calls) >= self.expected:
                 self.done.set()
+
+    def wait_first(self) -> None:
+        assert self.first.wait(WAIT), "no notification arrived"
 
     @property
     def payloads(self) -> list[str]:
@@ -218,6 +223,7 @@ def test_futures_resolve_while_notifications_flow(make_listener, dsn, channel):
     sender = threading.Thread(target=send)
     sender.start()
     try:
+        flood.wait_first()
         for i in range(50):
             other = f"{channel}_{i}"
             listener.add_callback(print, other).result(WAIT)

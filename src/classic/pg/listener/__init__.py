@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from ._notify import MAX_PAYLOAD_BYTES, anotify, notify
 from .errors import (
     CallbackNotRegistered,
     InvalidChannel,
@@ -19,6 +20,7 @@ from .listener import Listener
 from .plugins import PluginInfo
 
 __all__ = [
+    "MAX_PAYLOAD_BYTES",
     "CallbackNotRegistered",
     "InvalidChannel",
     "InvalidChannelType",
@@ -28,6 +30,8 @@ __all__ = [
     "PluginError",
     "PluginInfo",
     "ReconnectFailed",
+    "anotify",
     "hookimpl",
     "hookspec",
+    "notify",
 ]

@@ -32,6 +32,7 @@ import psycopg
 from psycopg import Notify
 from psycopg.conninfo import conninfo_to_dict
 
+from . import demo
 from .errors import ListenerError, ListenerStopped
 from .hookspecs import PROJECT_NAME
 from .listener import Listener, check_channel
@@ -490,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     notify.add_argument("channel", type=_channel, metavar="CHANNEL")
     notify.add_argument("payload", nargs="?", default="", metavar="PAYLOAD")
     notify.set_defaults(func=cmd_notify)
+    demo.add_parser(commands, common, formatter)
     return parser
 
 
