@@ -48,7 +48,7 @@ def newest() -> Iterator[LocalServer]:
 
 def test_queue_settings_of_17_and_later(newest):
     with psycopg.connect(newest.dsn, autocommit=True) as conn:
-        settings = dict(
+        settings: dict[str, str] = dict(
             conn.execute(
                 "SELECT name, setting FROM pg_settings"
                 " WHERE name IN ('max_notify_queue_pages', 'notify_buffers')"
