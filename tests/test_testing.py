@@ -48,14 +48,17 @@ def test_installed_plugin_does_nothing_unless_asked(tmp_path):
             """
         )
     )
+    temp = tmp_path / "temp"
+    temp.mkdir()
     env = bare_env(
         CLASSIC_PG_LISTENER_PGBIN=str(tmp_path / "no-binaries-here"),
         DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock",
+        TMPDIR=str(temp),
     )
     result = run_pytest(tmp_path, env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
-    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("pg-listener-tests-*"))
+    assert not list(temp.glob("pg-listener-tests-*"))
 
 
 def test_a_fixture_without_a_server_fails_never_skips(tmp_path):
