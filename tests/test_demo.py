@@ -36,7 +36,7 @@ def check_story(out: str) -> None:
     assert positions == sorted(positions)
     assert "orders placed: 6, shipped: 6 (4 by notification, 2 by catch-up)" in out
     assert "by catch-up, from the table" in out
-    assert "listener.reconnects: 1" in out
+    assert "stats().reconnects: 1" in out
     assert "listener.exception is None" in out
     assert out.rstrip().endswith("done")
 

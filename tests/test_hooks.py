@@ -108,6 +108,17 @@ class Recorder:
         self._record("listener_notification", listener=listener, notify=notify)
 
     @hookimpl
+    def listener_catch_up_done(self, listener, channel, catch_up, duration, error):
+        self._record(
+            "listener_catch_up_done",
+            listener=listener,
+            channel=channel,
+            catch_up=catch_up,
+            duration=duration,
+            error=error,
+        )
+
+    @hookimpl
     def listener_callback_done(self, listener, callback, notify, duration, error):
         self._record(
             "listener_callback_done",
@@ -345,6 +356,41 @@ def test_hook_listener_callback_done(make_listener, conn, channel, max_workers):
     assert isinstance(failed.error, ValueError)
     assert failed.error.args == ("boom",)
     assert failed.duration >= 0
+
+
+@pytest.mark.parametrize("max_workers", [0, None])
+def test_hook_listener_catch_up_done(make_listener, channel, max_workers):
+    recorder = Recorder()
+    ran: list[tuple[str, str]] = []
+
+    def catch_up(name: str) -> None:
+        ran.append((name, threading.current_thread().name))
+
+    def failing(name: str) -> None:
+        raise ValueError(name)
+
+    listener = make_listener(plugins=[recorder], max_workers=max_workers)
+    listener.add_callback(print, channel, catch_up=catch_up)
+    listener.add_callback(repr, channel, catch_up=failing)
+    listener.start()
+
+    done, failed = sorted(
+        recorder.wait("listener_catch_up_done", 2),
+        key=lambda call: call.error is not None,
+    )
+    assert done.catch_up is catch_up
+    assert done.error is None
+    assert failed.catch_up is failing
+    assert isinstance(failed.error, ValueError)
+    for call in (done, failed):
+        assert call.listener is listener
+        assert call.channel == channel
+        assert call.duration >= 0
+    assert ran[0][0] == channel
+    # The thread that ran it: the serving thread inline, a worker in the pool.
+    serving = max_workers == 0
+    assert (ran[0][1] == listener.name) is serving
+    assert (done.thread.name == listener.name) is serving
 
 
 def test_hook_listener_stopped(make_listener, conn, channel):

@@ -6,7 +6,10 @@
 from __future__ import annotations
 
 from ._notify import MAX_PAYLOAD_BYTES, anotify, notify
+from ._stats import ListenerStats
+from .async_listener import AsyncListener
 from .errors import (
+    BufferOverflow,
     CallbackNotRegistered,
     InvalidChannel,
     InvalidChannelType,
@@ -14,6 +17,7 @@ from .errors import (
     ListenerStopped,
     PluginError,
     ReconnectFailed,
+    SessionNotKept,
 )
 from .hookspecs import hookimpl, hookspec
 from .listener import Listener
@@ -21,15 +25,19 @@ from .plugins import PluginInfo
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
+    "AsyncListener",
+    "BufferOverflow",
     "CallbackNotRegistered",
     "InvalidChannel",
     "InvalidChannelType",
     "Listener",
     "ListenerError",
+    "ListenerStats",
     "ListenerStopped",
     "PluginError",
     "PluginInfo",
     "ReconnectFailed",
+    "SessionNotKept",
     "anotify",
     "hookimpl",
     "hookspec",

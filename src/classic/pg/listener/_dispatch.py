@@ -19,8 +19,10 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 
 from psycopg import Notify
 
@@ -33,27 +35,51 @@ Delivery = tuple[tuple[Callback, ...], Notify]
 
 CallbackDone = Callable[[Callback, Notify, float, "BaseException | None"], None]
 
+_count_into = Counter.update
+_channel_of = itemgetter(0)
+_notify_of = itemgetter(1)
 
-def deliver(batch: Sequence[Delivery], on_done: CallbackDone | None) -> None:
+
+class Counts:
+    """Per-channel counters, updated once per batch (errors, rare, one by one)."""
+
+    def __init__(self) -> None:
+        self._delivered: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
+
+    def delivered(self) -> dict[str, int]:
+        return dict(self._delivered)
+
+    def errors(self) -> dict[str, int]:
+        return dict(self._errors)
+
+
+def deliver(
+    batch: Sequence[Delivery], on_done: CallbackDone | None, counts: Counts
+) -> None:
     """Call every callback of every delivery; a raising callback is logged."""
+    errors = counts._errors
     if on_done is None:
         for callbacks, notify in batch:
             for callback in callbacks:
                 try:
                     callback(notify)
                 except Exception:
+                    errors[notify[0]] += 1
                     _log_failure(callback, notify)
-        return
-    for callbacks, notify in batch:
-        for callback in callbacks:
-            error: BaseException | None = None
-            started = time.perf_counter()
-            try:
-                callback(notify)
-            except Exception as ex:
-                error = ex
-                _log_failure(callback, notify)
-            on_done(callback, notify, time.perf_counter() - started, error)
+    else:
+        for callbacks, notify in batch:
+            for callback in callbacks:
+                error: BaseException | None = None
+                started = time.perf_counter()
+                try:
+                    callback(notify)
+                except Exception as ex:
+                    error = ex
+                    errors[notify[0]] += 1
+                    _log_failure(callback, notify)
+                on_done(callback, notify, time.perf_counter() - started, error)
+    _count_into(counts._delivered, map(_channel_of, map(_notify_of, batch)))
 
 
 def _log_failure(callback: Callback, notify: Notify) -> None:
@@ -65,25 +91,29 @@ def _log_failure(callback: Callback, notify: Notify) -> None:
     )
 
 
-class InlineDispatcher:
+class InlineDispatcher(Counts):
     """Runs the callbacks at once, in the serving thread (``max_workers=0``)."""
 
     backlog = 0
 
     def __init__(self, on_done: Callable[[], CallbackDone | None]):
+        super().__init__()
         self._on_done = on_done
 
     def room(self) -> int:
         return sys.maxsize
 
     def dispatch(self, batch: Sequence[Delivery]) -> None:
-        deliver(batch, self._on_done())
+        deliver(batch, self._on_done(), self)
+
+    def catch_up(self, channel: str, run: Callable[[], object]) -> None:
+        run()
 
     def shutdown(self) -> None:
         pass
 
 
-class PoolDispatcher:
+class PoolDispatcher(Counts):
     """Runs the callbacks in a ``ThreadPoolExecutor``, with a bounded backlog."""
 
     MAX_CHUNK = 64
@@ -96,6 +126,7 @@ class PoolDispatcher:
         wake: Callable[[], None],
         thread_name_prefix: str,
     ):
+        super().__init__()
         self._executor = ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix=thread_name_prefix
         )
@@ -108,6 +139,9 @@ class PoolDispatcher:
         self._lock = threading.Lock()
         self._backlog = 0
         self._wake_when_drained = False
+        # Channels whose catch-up runs: their deliveries wait behind it.
+        self._holding: dict[str, list[Delivery]] = {}
+        self._catching: dict[str, list[Callable[[], object]]] = {}
 
     @property
     def backlog(self) -> int:
@@ -130,6 +164,10 @@ class PoolDispatcher:
     def dispatch(self, batch: Sequence[Delivery]) -> None:
         with self._lock:
             self._backlog += len(batch)
+            if self._holding:
+                batch = self._hold(batch)
+                if not batch:
+                    return
         on_done = self._on_done()
         # Every worker gets a share of the batch, so slow callbacks run side by
         # side; a share is capped so that a burst keeps all of them busy.
@@ -137,9 +175,46 @@ class PoolDispatcher:
         for start in range(0, len(batch), chunk):
             self._executor.submit(self._run, batch[start : start + chunk], on_done)
 
+    def _hold(self, batch: Sequence[Delivery]) -> list[Delivery]:
+        passed = []
+        for delivery in batch:
+            held = self._holding.get(delivery[1][0])
+            if held is None:
+                passed.append(delivery)
+            else:
+                held.append(delivery)
+        return passed
+
+    def catch_up(self, channel: str, run: Callable[[], object]) -> None:
+        with self._lock:
+            runs = self._catching.get(channel)
+            if runs is not None:
+                runs.append(run)  # after the one running, still ahead of the rest
+                return
+            self._catching[channel] = [run]
+            self._holding[channel] = []
+        self._executor.submit(self._catch_up, channel)
+
+    def _catch_up(self, channel: str) -> None:
+        while True:
+            with self._lock:
+                runs = self._catching[channel]
+                if not runs:
+                    del self._catching[channel]
+                    held = self._holding.pop(channel)
+                    self._backlog -= len(held)
+                    break
+                run = runs.pop(0)
+            try:
+                run()
+            except Exception:
+                logger.exception("catch-up of channel %r raised", channel)
+        if held:
+            self.dispatch(held)
+
     def _run(self, batch: Sequence[Delivery], on_done: CallbackDone | None) -> None:
         try:
-            deliver(batch, on_done)
+            deliver(batch, on_done, self)
         finally:
             with self._lock:
                 self._backlog -= len(batch)

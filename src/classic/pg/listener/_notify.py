@@ -12,12 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from psycopg import AsyncConnection, Connection
-from psycopg._encodings import pg2pyenc
-from psycopg.errors import NotSupportedError
-from psycopg.pq.abc import PGconn
+from psycopg import AsyncConnection, Connection, ConnectionInfo
 
-from .listener import check_channel
+from ._core import python_codec
+from ._facade import check_channel
 
 MAX_PAYLOAD_BYTES = 7999
 """PostgreSQL's limit: a payload must be shorter than 8000 bytes (the default
@@ -26,26 +24,20 @@ page size, ``NOTIFY_PAYLOAD_MAX_LENGTH``), counted in the server's encoding."""
 _STATEMENT = "SELECT pg_notify(%s, %s)"
 
 
-def _codec(pgconn: PGconn, client_codec: str) -> str:
+def _codec(conn_info: ConnectionInfo) -> str:
     """The Python codec of the database's encoding; the client's for
     ``SQL_ASCII`` (the server stores the bytes it receives) or an encoding
     Python does not know."""
-    server = pgconn.parameter_status(b"server_encoding")
-    if server and server != b"SQL_ASCII":
-        try:
-            return pg2pyenc(server)
-        except NotSupportedError:
-            pass
-    return client_codec
+    server = python_codec(conn_info.parameter_status("server_encoding"))
+    return server if server is not None else conn_info.encoding
 
 
-def check_payload(payload: object, pgconn: PGconn, client_codec: str) -> str:
+def check_payload(payload: object, codec: str) -> str:
     """Refuse what the server would: not text, a NUL, unencodable, too long."""
     if not isinstance(payload, str):
         raise TypeError(f"payload must be a str, got {type(payload).__name__}")
     if "\0" in payload:
         raise ValueError("payload must not contain NUL characters")
-    codec = _codec(pgconn, client_codec)
     try:
         size = len(payload.encode(codec))
     except UnicodeEncodeError as ex:
@@ -72,13 +64,15 @@ def notify(conn: Connection[Any], channel: str, payload: str = "") -> None:
     encoding, a NUL, a character that encoding lacks). Errors of the server
     itself (a full notification queue) are psycopg's.
     """
-    check_channel(channel)
-    check_payload(payload, conn.pgconn, conn.info.encoding)
+    codec = _codec(conn.info)
+    check_channel(channel, codec)
+    check_payload(payload, codec)
     conn.execute(_STATEMENT, (channel, payload))
 
 
 async def anotify(conn: AsyncConnection[Any], channel: str, payload: str = "") -> None:
     """``notify()`` for an ``AsyncConnection``: the same checks, then awaits it."""
-    check_channel(channel)
-    check_payload(payload, conn.pgconn, conn.info.encoding)
+    codec = _codec(conn.info)
+    check_channel(channel, codec)
+    check_payload(payload, codec)
     await conn.execute(_STATEMENT, (channel, payload))

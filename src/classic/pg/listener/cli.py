@@ -33,9 +33,10 @@ from psycopg import Notify
 from psycopg.conninfo import conninfo_to_dict
 
 from . import demo
+from ._facade import check_channel
 from .errors import ListenerError, ListenerStopped
 from .hookspecs import PROJECT_NAME
-from .listener import Listener, check_channel
+from .listener import Listener
 from .plugins import ENV_DISABLE_AUTOLOAD, discover
 
 logger = logging.getLogger("classic.pg.listener")
@@ -149,10 +150,8 @@ class _Listener(Listener):
         self.requested: list[Future[None]] = []
         super().__init__(*args, **kwargs)
 
-    def add_callback(
-        self, callback: Callable[[Notify], object], channel: str
-    ) -> Future[None]:
-        future = super().add_callback(callback, channel)
+    def _request(self, *args: Any, **kwargs: Any) -> Future[None]:
+        future = super()._request(*args, **kwargs)
         self.requested.append(future)
         return future
 

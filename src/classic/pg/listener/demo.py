@@ -1,8 +1,9 @@
 """``pg-listener demo``: the library at work in a few seconds, no set-up needed.
 
-A newcomer sees, in order: a listener with callbacks (two on one channel, one
+It shows, in order: a listener with callbacks (two on one channel, one
 on two channels); notifications sent from a second connection, each in the
-transaction that records an order; the listener's backend terminated with
+transaction that records an order (the channel has a catch-up, which reads
+the table once the server listens); the listener's backend terminated with
 ``pg_terminate_backend()``, orders placed while it is away (their
 notifications are lost, as PostgreSQL keeps nothing for a session that is not
 connected), then the reconnection and the catch-up that finds them in the
@@ -56,10 +57,10 @@ class Demo:
         self.placed: list[int] = []
         self.handled: dict[int, str] = {}  # order id -> "notification" or "catch-up"
         self.audited = 0
+        self.catch_ups = 0
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._out_lock = threading.Lock()
-        self.reconnected = threading.Event()
 
     # -- output ------------------------------------------------------------------
 
@@ -90,16 +91,16 @@ class Demo:
             self._changed.notify_all()
         self.say(f"   audit: {notify.channel} {notify.payload!r}")
 
-    def catch_up(self) -> None:
-        """After a reconnection: the orders the notifications did not bring.
+    def catch_up(self, channel: str) -> None:
+        """The orders the notifications did not bring, read from the table.
 
-        Runs in the serving thread once the channels are listened to again, so
-        nothing committed from now on is missed; orders seen both ways are
-        handled once.
+        Called once the server acknowledged ``LISTEN``: at registration, then
+        after each reconnection. No notification of the channel reaches
+        ``ship`` before it returns; orders seen both ways are handled once.
         """
-        self.say("   reconnected: catching up from the table")
         with self._lock:
             seen = max(self.handled, default=0)
+            first = self.catch_ups == 0
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             rows = conn.execute(
                 sql.SQL("SELECT id FROM {} WHERE id > %s ORDER BY id").format(
@@ -107,9 +108,15 @@ class Demo:
                 ),
                 (seen,),
             ).fetchall()
+        when = "first LISTEN" if first else "reconnected"
+        self.say(
+            f"   catch-up on {channel} ({when}): {len(rows)} order(s) in the table"
+        )
         for (order,) in rows:
             self._handle(order, "catch-up", "the table")
-        self.reconnected.set()
+        with self._changed:
+            self.catch_ups += 1
+            self._changed.notify_all()
 
     def _handle(self, order: int, how: str, source: str) -> None:
         with self._changed:
@@ -162,13 +169,12 @@ class Demo:
             # A second before reconnecting, so that the orders placed meanwhile
             # are surely missed by the notifications: the catch-up finds them.
             reconnect_delay=1.0,
-            # The core is getting add_callback(..., catch_up=...): the same
-            # function would move there.
-            on_reconnect=self.catch_up,
             autoload_plugins=False,
             name="demo",
         )
         self.step("A listener with callbacks")
+        self.say(f"   ship  on {self.orders}, with a catch-up from the table")
+        self.say(f"   audit on {self.orders} and {self.alerts}")
         listener.start()
         try:
             return self._scenes(listener, sender)
@@ -178,14 +184,13 @@ class Demo:
 
     def _scenes(self, listener: Listener, sender: psycopg.Connection[Any]) -> bool:
         futures = [
-            listener.add_callback(self.ship, self.orders),
+            listener.add_callback(self.ship, self.orders, catch_up=self.catch_up),
             listener.add_callback(self.audit, self.orders),
             listener.add_callback(self.audit, self.alerts),
         ]
         for future in futures:
             future.result(WAIT)
-        self.say(f"   ship  on {self.orders}")
-        self.say(f"   audit on {self.orders} and {self.alerts}")
+        self.wait_for("the first catch-up", lambda: self.catch_ups == 1)
         self.say(
             f"   listening (backend pid {listener.backend_pid}), callbacks in a"
             " pool of 2 threads"
@@ -207,8 +212,7 @@ class Demo:
             self.say(
                 f"   order {order} placed while disconnected: its notification is lost"
             )
-        if not self.reconnected.wait(WAIT):
-            raise TimeoutError("the listener did not reconnect")
+        self.wait_for("the reconnection", lambda: self.catch_ups == 2)
         self.wait_for("the catch-up", lambda: len(self.handled) == 5)
         self.say(f"   listening again (backend pid {listener.backend_pid})")
         self.place(sender, "honey")
@@ -224,9 +228,12 @@ class Demo:
             f" {len(self.handled) - by_notification} by catch-up)"
         )
         self.say(f"   audited notifications: {self.audited}")
-        self.say(f"   listener.reconnects: {listener.reconnects}")
-        self.say(f"   listener.backlog: {listener.backlog}")
-        self.say(f"   listener.channels: {', '.join(listener.channels)}")
+        stats = listener.stats()
+        self.say(f"   stats().reconnects: {stats.reconnects}")
+        self.say(f"   stats().received: {dict(stats.received)}")
+        self.say(f"   stats().delivered: {dict(stats.delivered)}")
+        self.say(f"   stats().callback_errors: {dict(stats.callback_errors)}")
+        self.say(f"   stats().backlog: {stats.backlog}")
 
         self.step("A clean stop")
         listener.stop()
@@ -293,7 +300,10 @@ def add_parser(
         "demo",
         parents=[common],
         help="watch the library work, on an embedded server if no --dsn is given",
-        description=textwrap.fill((__doc__ or "").split("\n\n")[1], width=78),
+        description="\n\n".join(
+            textwrap.fill(paragraph, width=78)
+            for paragraph in (__doc__ or "").split("\n\n")[1:3]
+        ),
         formatter_class=formatter,
     )
     demo.add_argument(

@@ -46,3 +46,23 @@ class PluginError(ListenerError):
     The message names the distribution and the entry point, so the broken
     package can be found without reading a traceback.
     """
+
+
+class SessionNotKept(ListenerError):
+    """Consecutive statements ran in different server sessions.
+
+    The connection goes through a pooler in transaction or statement mode
+    (PgBouncer's ``pool_mode = transaction``), which hands each transaction
+    to whichever server session is free: ``LISTEN`` stays behind in one
+    session and notifications are silently never delivered. ``run()`` ends
+    with it, without retrying: it is a configuration error, not an outage.
+    """
+
+
+class BufferOverflow(ListenerError):
+    """A consumer of ``AsyncListener.notifications()`` fell too far behind.
+
+    Raised by the iterator once it has yielded every notification it kept:
+    the ones after them were not kept. A WebSocket or SSE endpoint typically
+    closes the client's stream on it.
+    """

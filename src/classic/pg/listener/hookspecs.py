@@ -34,6 +34,8 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 Callback = Callable[["Notify"], object]
+CatchUp = Callable[[str], object]
+"""``catch_up(channel)``: reads what the channel's callback may have missed."""
 Register = Callable[[Callback, str], "Future[None]"]
 
 
@@ -175,6 +177,33 @@ def listener_callback_done(
     :param callback: the callback, as it was registered.
     :param notify: the notification it was given.
     :param duration: seconds the callback ran.
+    :param error: ``None`` when it returned, else the exception it raised
+        (which the listener has logged already).
+
+    The return value is ignored.
+    """
+
+
+@hookspec
+def listener_catch_up_done(
+    listener: Listener,
+    channel: str,
+    catch_up: CatchUp,
+    duration: float,
+    error: BaseException | None,
+) -> None:
+    """A catch-up returned or raised.
+
+    Called in the thread (or task) that ran the catch-up, right after it:
+    a pool worker, or the serving thread with ``max_workers=0``. A catch-up
+    runs once its channel's ``LISTEN`` is acknowledged, when its registration
+    is first applied and after every reconnection; the channel's
+    notifications wait for it, whether it returned or raised.
+
+    :param listener: the listener that ran the catch-up.
+    :param channel: the channel it caught up on.
+    :param catch_up: the function given to ``add_callback(catch_up=...)``.
+    :param duration: seconds it ran.
     :param error: ``None`` when it returned, else the exception it raised
         (which the listener has logged already).
 

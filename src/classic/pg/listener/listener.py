@@ -1,13 +1,12 @@
-"""The ``Listener`` facade: checks arguments, runs the serving thread, makes futures.
+"""``Listener``: the serving loop in a thread, callbacks in a pool or inline.
 
-Everything here runs in the caller's thread and never touches the
-connection: it validates what it is given, then queues it for the serving
-thread (``_serving.Server``), which answers through the returned future.
+The loop and everything it decides live in ``_core``; this module drives it
+with ``select()`` (``_waiting.run``) in the caller's thread (``run()``) or a
+thread of its own (``start()``), like ``threading.Thread``.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -15,83 +14,84 @@ from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
+import psycopg
 from psycopg import Notify
 
+from . import _waiting
 from ._backoff import Backoff
-from ._serving import ConnectionFactory, Request, Server, Settings
-from .errors import InvalidChannel, InvalidChannelType
-from .hookspecs import Callback
-from .plugins import PluginHost, PluginInfo, autoload_enabled
+from ._dispatch import InlineDispatcher, PoolDispatcher
+from ._facade import ListenerBase, check_connection
+from .hookspecs import CatchUp
 
 logger = logging.getLogger("classic.pg.listener")
 
-MAX_CHANNEL_BYTES = 63
-"""PostgreSQL truncates longer identifiers (NAMEDATALEN - 1), so a longer
-channel would be listened to under another name and never match."""
 
-_counter = itertools.count(1)
+ConnectionFactory = Callable[[], "psycopg.Connection[Any]"]
 
 
-def check_channel(channel: object) -> str:
-    """Refuse, at the caller, a channel PostgreSQL would not deliver as given."""
-    if not isinstance(channel, str):
-        raise InvalidChannelType(
-            f"channel must be a non-empty str, got {type(channel).__name__}"
-        )
-    if not channel:
-        raise InvalidChannel("channel must be a non-empty str, got ''")
-    if "\0" in channel:
-        raise InvalidChannel(f"channel must not contain NUL characters: {channel!r}")
-    size = len(channel.encode("utf-8"))
-    if size > MAX_CHANNEL_BYTES:
-        raise InvalidChannel(
-            f"channel {channel!r} is {size} bytes long: PostgreSQL allows at most"
-            f" {MAX_CHANNEL_BYTES} and would truncate it"
-        )
-    return channel
+class _WaitGuard(list[Any]):
+    """``Future._waiters`` that refuse a waiter from the serving thread.
 
+    ``concurrent.futures.wait()`` and ``as_completed()`` install a waiter on
+    each future rather than calling ``result()``: this is where they can be
+    stopped from blocking the one thread that would resolve the future.
+    """
 
-def _check_callback(callback: object) -> None:
-    if not callable(callback):
-        raise TypeError(f"callback must be callable, got {callback!r}")
+    def __init__(self, future: _RequestFuture):
+        super().__init__()
+        self._future = future
+
+    def append(self, waiter: Any) -> None:
+        self._future._refuse_to_block()
+        super().append(waiter)
 
 
 class _RequestFuture(Future[None]):
     """A future that refuses to deadlock its own serving thread.
 
-    With ``max_workers=0`` callbacks run in the serving thread, which is the
-    only thread that can resolve this future: waiting on it there would
-    block forever, so it raises instead.
+    With ``max_workers=0`` callbacks (and always hooks) run in the serving
+    thread, which is the only thread that can resolve this future: any
+    blocking wait on it there (``result()``, ``exception()``,
+    ``concurrent.futures.wait()``) would block forever, so it raises instead.
     """
 
-    def __init__(self, server: Server):
+    def __init__(self, listener: Listener):
         super().__init__()
-        self._server = server
+        self._listener = listener
+        self._waiters = _WaitGuard(self)
 
-    def result(self, timeout: float | None = None) -> None:
-        if not self.done() and threading.get_ident() == self._server.thread_ident:
+    def _refuse_to_block(self) -> None:
+        if not self.done() and threading.get_ident() == self._listener._serving:
             raise RuntimeError(
                 "waiting on this future from the serving thread (an inline"
                 " callback or a hook) would deadlock: it resolves only after"
-                " the callback returns"
+                " the callback returns; use add_done_callback() instead"
             )
+
+    def result(self, timeout: float | None = None) -> None:
+        self._refuse_to_block()
         return super().result(timeout)
 
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._refuse_to_block()
+        return super().exception(timeout)
 
-class Listener:
+
+class Listener(ListenerBase):
     """Calls your callbacks with the notifications PostgreSQL sends on channels.
 
     :param connection_factory: called without arguments, in the serving
         thread, for every (re)connection; must return a
         ``psycopg.Connection`` opened with ``autocommit=True``.
-    :param max_workers: size of the ``ThreadPoolExecutor`` running the
-        callbacks (``None``: the executor's default); ``0`` runs them inline,
-        in the serving thread.
+    :param max_workers: size of the pool running the callbacks (``None``:
+        ``ThreadPoolExecutor``'s default); ``0`` runs them inline, in the
+        serving thread.
     :param ping_period: seconds without notifications after which the
         connection is checked with a cheap query; ``0`` never checks.
-    :param ping_timeout: seconds the ping, and every ``LISTEN``/``UNLISTEN``,
-        may take before the connection is held for lost (a half-open
-        connection would otherwise hang it for the kernel's TCP timeout).
+    :param ping_timeout: seconds of silence from the server, while it owes
+        an answer to a ping, a ``LISTEN`` or an ``UNLISTEN``, after which the
+        connection is held for lost (a half-open connection would otherwise
+        hang it for the kernel's TCP timeout).
     :param max_backlog: how many notifications may wait for a pool worker;
         beyond it the listener stops reading and the server buffers.
     :param reconnect_delay: first delay before reconnecting, doubled per
@@ -100,7 +100,8 @@ class Listener:
         after which ``run()`` ends with ``ReconnectFailed``; ``None``: never.
     :param on_reconnect: called without arguments, in the serving thread,
         after each reconnection, once every channel is listened to again:
-        notifications sent while disconnected are lost, so catch up here.
+        notifications sent while disconnected are lost, so catch up here
+        (or per channel, with ``add_callback(catch_up=...)``).
     :param plugins: plugin objects to register besides the discovered ones.
     :param autoload_plugins: load the ``classic_pg_listener`` entry points;
         ``None`` (default) unless ``CLASSIC_PG_LISTENER_DISABLE_PLUGIN_AUTOLOAD``
@@ -126,59 +127,55 @@ class Listener:
         blocked_plugins: Iterable[str] = (),
         name: str | None = None,
     ):
-        if not callable(connection_factory):
-            raise TypeError(
-                f"connection_factory must be callable, got {connection_factory!r}"
-            )
         if max_workers is not None and (
             not isinstance(max_workers, int) or max_workers < 0
         ):
             raise ValueError(f"max_workers must be None or >= 0, got {max_workers!r}")
-        if ping_period < 0:
-            raise ValueError(f"ping_period must be >= 0, got {ping_period!r}")
-        if ping_timeout <= 0:
-            raise ValueError(f"ping_timeout must be > 0, got {ping_timeout!r}")
-        if max_backlog < 1:
-            raise ValueError(f"max_backlog must be >= 1, got {max_backlog!r}")
-        if max_reconnect_attempts is not None and max_reconnect_attempts < 1:
-            raise ValueError(
-                "max_reconnect_attempts must be None or >= 1,"
-                f" got {max_reconnect_attempts!r}"
-            )
-        if on_reconnect is not None and not callable(on_reconnect):
-            raise TypeError(f"on_reconnect must be callable, got {on_reconnect!r}")
-        Backoff(reconnect_delay, max_reconnect_delay)  # checks the two delays
-
-        self.name = name or f"pg-listener-{next(_counter)}"
-        self._host = PluginHost(self, blocked_plugins)
-        self._server = Server(
-            self,
-            connection_factory,
-            Settings(
-                max_workers=max_workers,
-                ping_period=ping_period,
-                ping_timeout=ping_timeout,
-                max_backlog=max_backlog,
-                reconnect_delay=reconnect_delay,
-                max_reconnect_delay=max_reconnect_delay,
-                max_reconnect_attempts=max_reconnect_attempts,
-                healthy_after=max(5.0, reconnect_delay),
-            ),
-            self._host,
-            on_reconnect,
-            self.name,
-        )
+        self._max_workers = max_workers
         self._lock = threading.Lock()
         self._started = False
+        self._serving: int | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
-        self._exception: BaseException | None = None
+        super().__init__(
+            connection_factory,
+            ping_period,
+            ping_timeout=ping_timeout,
+            max_backlog=max_backlog,
+            reconnect_delay=reconnect_delay,
+            max_reconnect_delay=max_reconnect_delay,
+            max_reconnect_attempts=max_reconnect_attempts,
+            on_reconnect=on_reconnect,
+            plugins=plugins,
+            autoload_plugins=autoload_plugins,
+            blocked_plugins=blocked_plugins,
+            name=name,
+        )
 
-        # Plugins come last: their callbacks go through add_callback.
-        if autoload_enabled(autoload_plugins):
-            self._host.load_entry_points()
-        for plugin in plugins:
-            self._host.register(plugin)
+    def _make_dispatcher(
+        self, wake: Callable[[], None], on_done: Callable[[], Any]
+    ) -> InlineDispatcher | PoolDispatcher:
+        if self._max_workers == 0:
+            return InlineDispatcher(on_done)
+        return PoolDispatcher(
+            self._max_workers,
+            self._settings.max_backlog,
+            on_done,
+            wake,
+            thread_name_prefix=f"{self.name}-callback",
+        )
+
+    def _check_connection(self, conn: object) -> psycopg.Connection[Any]:
+        hint = ""
+        if isinstance(conn, psycopg.AsyncConnection):
+            hint = ": use AsyncListener for an AsyncConnection"
+        result: psycopg.Connection[Any] = check_connection(
+            conn, psycopg.Connection, hint
+        )
+        return result
+
+    def _new_future(self) -> Future[None]:
+        return _RequestFuture(self)
 
     def __repr__(self) -> str:
         if self._done.is_set():
@@ -192,7 +189,12 @@ class Listener:
     # -- callbacks -------------------------------------------------------------
 
     def add_callback(
-        self, callback: Callable[[Notify], object], channel: str
+        self,
+        callback: Callable[[Notify], object],
+        channel: str,
+        *,
+        catch_up: CatchUp | None = None,
+        decode: Callable[[str], Any] | None = None,
     ) -> Future[None]:
         """Call ``callback(notify)`` for every notification on ``channel``.
 
@@ -202,8 +204,23 @@ class Listener:
         Before ``run()``/``start()``, or while disconnected, the change waits
         for the connection. A callback already registered on the channel is
         not added twice.
+
+        :param catch_up: ``catch_up(channel)`` is called once the server has
+            acknowledged ``LISTEN``: when this registration is first applied,
+            and again after every reconnection and every re-``LISTEN``. No
+            notification of the channel read after that ``LISTEN`` reaches
+            ``callback`` before ``catch_up`` has returned, so a catch-up that
+            reads "everything newer than what I processed" may see an event
+            twice, never miss one. It runs in a pool worker (inline with
+            ``max_workers=0``); one that raises is logged and delivery goes on.
+            The future does not wait for it.
+        :param decode: applied to the payload before ``callback`` sees it, in
+            the thread that runs the callback (``json.loads``, a pydantic
+            model's ``model_validate_json``); the callback gets the
+            ``Notify`` with the decoded payload. A payload ``decode`` refuses
+            is logged as a poison message and skipped.
         """
-        return self._request("add", callback, channel)
+        return self._request("add", callback, channel, catch_up, decode)
 
     def remove_callback(
         self, callback: Callable[[Notify], object], channel: str
@@ -212,28 +229,11 @@ class Listener:
 
         Once the future resolves, no notification read afterwards goes to the
         callback (one already handed to the pool may still run). The last
-        callback of a channel takes ``UNLISTEN`` with it. The future raises
+        callback of a channel takes ``UNLISTEN`` with it; if the server
+        refuses it, the future raises and nothing changed. The future raises
         ``CallbackNotRegistered`` if the callback was not registered there.
         """
         return self._request("remove", callback, channel)
-
-    def _request(self, action: Any, callback: Callback, channel: str) -> Future[None]:
-        _check_callback(callback)
-        check_channel(channel)
-        future = _RequestFuture(self._server)
-        self._server.submit(Request(action, callback, channel, future))
-        return future
-
-    # -- plugins ---------------------------------------------------------------
-
-    def register_plugin(self, plugin: object, name: str | None = None) -> str | None:
-        """Register a plugin object (usually a module) with ``@hookimpl`` functions.
-
-        Its ``listener_register_callbacks`` runs at once. Returns the name it
-        was registered under, or ``None`` if that name is blocked. Raises
-        ``PluginError`` when the plugin is invalid.
-        """
-        return self._host.register(plugin, name)
 
     def unregister_plugin(self, name: str) -> Future[None]:
         """Unregister a plugin and remove the callbacks it registered.
@@ -243,49 +243,13 @@ class Listener:
         """
         return self._host.unregister(name)
 
-    @property
-    def plugins(self) -> list[PluginInfo]:
-        """The registered plugins: name, distribution, version, hooks, channels."""
-        return self._host.infos()
-
-    # -- state -------------------------------------------------------------------
-
-    @property
-    def channels(self) -> dict[str, tuple[Callable[[Notify], object], ...]]:
-        """The channels listened to and their callbacks, as last applied."""
-        return self._server.channels
-
-    @property
-    def backend_pid(self) -> int | None:
-        """The server process serving the connection; ``None`` while disconnected."""
-        return self._server.backend_pid
-
-    @property
-    def reconnects(self) -> int:
-        """How many times the connection was re-established after a loss.
-
-        Each reconnection may have missed notifications: a value that grew
-        since you last looked means a catch-up is due.
-        """
-        return self._server.reconnects
-
-    @property
-    def backlog(self) -> int:
-        """Notifications read but not yet through their callbacks (pool mode)."""
-        return self._server.backlog
-
-    @property
-    def exception(self) -> BaseException | None:
-        """What ended ``run()``, if not ``stop()``; read it after ``join()``."""
-        return self._exception
-
     # -- running ---------------------------------------------------------------
 
     def run(self) -> None:
         """Serve in the calling thread until ``stop()``.
 
-        Raises what ended the listener otherwise: ``ReconnectFailed``, or a
-        factory returning a connection without autocommit.
+        Raises what ended the listener otherwise: ``ReconnectFailed``,
+        ``SessionNotKept``, or a factory returning a connection it cannot serve.
         """
         self._mark_started()
         self._serve()
@@ -305,23 +269,16 @@ class Listener:
             self._started = True
 
     def _serve(self) -> None:
+        self._serving = threading.get_ident()
         try:
-            self._server.serve()
+            _waiting.run(self._core.serve(), self._core.waker.fileno(), self._factory)
         except BaseException as ex:
             self._exception = ex
             if threading.current_thread() is self._thread:
                 logger.error("listener %s ended", self.name, exc_info=ex)
         finally:
+            self._serving = None
             self._done.set()
-
-    def stop(self) -> None:
-        """Ask the serving thread to stop; return at once.
-
-        Idempotent and callable from any thread, a callback included. Once
-        stopped, a listener stays stopped: ``run()`` called later returns at
-        once.
-        """
-        self._server.stop()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait until the listener has stopped and every accepted callback ran.

@@ -80,12 +80,18 @@ class DiscoveredPlugin:
     """Why loading failed, ``None`` when it worked."""
 
 
-class ListenerLike(Protocol):
-    """What the host needs of a listener: the two calls a plugin registers through."""
+class Requests(Protocol):
+    """What the host needs of a listener: the calls a plugin registers through.
 
-    def add_callback(self, callback: Callback, channel: str) -> Future[None]: ...
+    They return ``concurrent.futures`` futures for both listeners, so that a
+    plugin's ``register`` behaves the same in a thread and in asyncio.
+    """
 
-    def remove_callback(self, callback: Callback, channel: str) -> Future[None]: ...
+    def _add(self, callback: Callback, channel: str) -> Future[None]: ...
+
+    def _remove(self, callback: Callback, channel: str) -> Future[None]: ...
+
+    def _new_future(self) -> Future[None]: ...
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -156,9 +162,8 @@ def discover(blocked: Iterable[str] = ()) -> Iterator[DiscoveredPlugin]:
             yield DiscoveredPlugin(entry_point.name, dist, version, plugin, None)
 
 
-def _all_of(futures: list[Future[None]]) -> Future[None]:
+def _all_of(futures: list[Future[None]], combined: Future[None]) -> Future[None]:
     """One future for several: done when all are, failing with the first error."""
-    combined: Future[None] = Future()
     remaining = len(futures)
     lock = threading.Lock()
 
@@ -192,8 +197,11 @@ class PluginHost:
     ``None`` test on the hot path.
     """
 
-    def __init__(self, listener: ListenerLike, blocked: Iterable[str] = ()):
+    def __init__(
+        self, listener: object, requests: Requests, blocked: Iterable[str] = ()
+    ):
         self._listener = listener
+        self._requests = requests
         self._manager = get_plugin_manager()
         self._blocked = blocked_names(blocked)
         for name in self._blocked:
@@ -297,13 +305,14 @@ class PluginHost:
             self._origin.pop(name, None)
             self._refresh()
         return _all_of(
-            [self._listener.remove_callback(cb, ch) for cb, ch in contributed]
+            [self._requests._remove(cb, ch) for cb, ch in contributed],
+            self._requests._new_future(),
         )
 
     def _register_callback(
         self, plugin_name: str, callback: Callback, channel: str
     ) -> Future[None]:
-        future = self._listener.add_callback(callback, channel)
+        future = self._requests._add(callback, channel)
         with self._lock:
             self._contributed.setdefault(plugin_name, []).append((callback, channel))
         return future

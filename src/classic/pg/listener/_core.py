@@ -1,0 +1,1047 @@
+"""The serving loop, written once for both listeners: it alone owns the connection.
+
+Other threads never touch the connection. They queue requests (add or
+remove a callback, each carrying its future) and wake the loop through a
+self-pipe. The loop is a generator that yields what it waits for
+(``_waiting``): ``Listener`` drives it with ``select()`` in a thread,
+``AsyncListener`` with the event loop's readers. Everything that decides
+(what to read, when to ping, which request to apply, when to reconnect, how
+a statement's results are told from errors that are not its own) is here,
+once.
+
+Notifications are read at the libpq level (``consume_input()`` then
+``notifies()``), about twice as fast as ``Connection.notifies()``. While
+connected, at most one statement (a ``LISTEN``, an ``UNLISTEN``, a ping) is
+in flight, and the loop goes on reading and dispatching notifications
+around it: the server answers a statement only after sending every
+notification queued before it, so a statement that waited for its answer
+alone would read the whole queue into memory behind a full backlog. Its
+deadline (``ping_timeout``) counts silence, not duration: a long queue on a
+slow link is not a dead connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Generator, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any, Literal
+
+import psycopg
+from psycopg import Notify, errors, pq, sql
+from psycopg._encodings import pg2pyenc
+
+from ._backoff import Backoff
+from ._stats import ListenerStats
+from ._waiting import CONNECT, READ, WRITE, Await, Close, Loop, Wait
+from .errors import (
+    CallbackNotRegistered,
+    InvalidChannel,
+    ListenerStopped,
+    ReconnectFailed,
+    SessionNotKept,
+)
+from .hookspecs import Callback, CatchUp
+from .plugins import PluginHost
+
+logger = logging.getLogger("classic.pg.listener")
+
+MAX_CHANNEL_BYTES = 63
+"""PostgreSQL truncates longer identifiers (NAMEDATALEN - 1), so a longer
+channel would be listened to under another name and never match."""
+
+Delivery = tuple[tuple[Callback, ...], Notify]
+"""A notification with the callbacks registered for its channel when it came."""
+
+_tuple_new = tuple.__new__
+_count_into = Counter.update
+_notify_of = itemgetter(1)
+_channel_of = itemgetter(0)
+_FATAL = pq.ExecStatus.FATAL_ERROR
+_OK = pq.ConnStatus.OK
+
+PING = (
+    b"SELECT pg_backend_pid(), pg_notification_queue_usage(),"
+    b" (SELECT count(*) FROM pg_listening_channels())"
+)
+"""One round trip checks the link, the session (same backend, every channel
+still listened to) and the server's notification queue."""
+
+LISTENED = b"SELECT coalesce(json_agg(c), '[]') FROM pg_listening_channels() AS c"
+
+
+@dataclass
+class Settings:
+    """The constructor's arguments, checked by the facade."""
+
+    ping_period: float
+    ping_timeout: float
+    max_backlog: int
+    reconnect_delay: float
+    max_reconnect_delay: float
+    max_reconnect_attempts: int | None
+    healthy_after: float
+    queue_usage_warning: float = 0.5
+
+
+@dataclass
+class Request:
+    """A change to the callbacks, for the serving loop to apply."""
+
+    action: Literal["add", "remove"]
+    callback: Callback
+    channel: str
+    future: Future[None]
+    catch_up: CatchUp | None = None
+    decode: Callable[[str], Any] | None = None
+
+
+@dataclass
+class Statement:
+    """A statement sent to the server, its results gathered as libpq parses them."""
+
+    query: bytes
+    expected: int = 1
+    """How many results are the statement's own: an error after them was sent
+    between its CommandComplete and ReadyForQuery (a notification the server
+    could not convert to the client encoding) and is not the statement's."""
+    request: Request | None = None
+    on_done: Callable[[Statement, psycopg.Error | None], None] | None = None
+    results: list[pq.abc.PGresult] = field(default_factory=list)
+    started: float = 0.0
+
+    def collect(self, pgconn: pq.abc.PGconn) -> bool:
+        """Take the results libpq has parsed; ``True`` once the last one is in."""
+        while not pgconn.is_busy():
+            result = pgconn.get_result()
+            if result is None:
+                return True
+            self.results.append(result)
+        return False
+
+    def error(self, encoding: str) -> psycopg.Error | None:
+        """The statement's own error, if any; others are logged, not raised."""
+        own: psycopg.Error | None = None
+        for index, result in enumerate(self.results):
+            if result.status != _FATAL:
+                continue
+            error = errors.error_from_result(result, encoding=encoding)
+            if index < self.expected:
+                own = own or error
+            else:
+                logger.warning(
+                    "the server reported an error after %s had completed,"
+                    " most likely a notification it could not convert to the"
+                    " client encoding %r (that notification is lost): %s",
+                    self.query[:60].decode("utf-8", "replace"),
+                    encoding,
+                    error,
+                )
+        return own
+
+    def value(self, column: int, row: int = 0) -> bytes | None:
+        return self.results[0].get_value(row, column)
+
+
+class Decoding:
+    """A callback whose payload goes through ``decode`` first, in the callback's thread.
+
+    A payload ``decode`` refuses is a poison message: logged, not delivered.
+    """
+
+    __slots__ = ("__wrapped__", "callback", "decode")
+
+    def __init__(self, callback: Callback, decode: Callable[[str], Any]):
+        self.callback = self.__wrapped__ = callback
+        self.decode = decode
+
+    def __call__(self, notify: Notify) -> object:
+        try:
+            payload = self.decode(notify.payload)
+        except Exception as ex:
+            logger.error(
+                "poison message on channel %r (pid %d, %d characters): %s refused"
+                " it (%s: %s); not delivered to %r",
+                notify.channel,
+                notify.pid,
+                len(notify.payload),
+                getattr(self.decode, "__qualname__", self.decode),
+                type(ex).__name__,
+                ex,
+                self.callback,
+            )
+            return None
+        return self.callback(_tuple_new(Notify, (notify.channel, payload, notify.pid)))
+
+    def __repr__(self) -> str:
+        return f"{self.callback!r} (decoded by {self.decode!r})"
+
+
+def registered(entry: Callback) -> Callback:
+    """The callback as the user registered it."""
+    return entry.callback if type(entry) is Decoding else entry
+
+
+class ConnectionLost(Exception):
+    """Internal: the connection broke; the loop reconnects."""
+
+
+class Interrupted(BaseException):
+    """Internal: ``stop()`` cut a statement of the connection phase short.
+
+    A ``BaseException``, so that no ``except Exception`` on its way out hands
+    it to a future or takes it for a refused statement.
+    """
+
+
+class Waker:
+    """A self-pipe: any thread, or a signal handler, interrupts the loop's wait.
+
+    ``wake()`` takes no lock and does nothing but one ``os.write``, so a
+    signal handler may call it at any point of any thread. The pipe is closed
+    only when the waker is collected: no late ``wake()`` can ever write to a
+    descriptor number that was closed and reused.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def fileno(self) -> int:
+        return self._read
+
+    def wake(self) -> None:
+        # A full pipe means the loop will wake anyway.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._write, b"\0")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read, 4096):
+                pass
+
+    def __del__(self) -> None:
+        for fd in (self._read, self._write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def settle(future: Future[Any], error: BaseException | None = None) -> None:
+    """Resolve a request's future, whatever state a user left it in.
+
+    A future still pending may be cancelled by its user meanwhile; a
+    cancelled one is skipped rather than raising ``InvalidStateError``.
+    """
+    if not future.running() and not future.set_running_or_notify_cancel():
+        return  # cancelled by its user
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def python_codec(pg_encoding: str | None) -> str | None:
+    """The Python codec of a PostgreSQL encoding name, if Python has one."""
+    if not pg_encoding:
+        return None
+    try:
+        return pg2pyenc(pg_encoding.encode())
+    except Exception:
+        return None  # SQL_ASCII and the like: no byte limit can be measured
+
+
+def channel_too_long(channel: str, codec: str | None) -> InvalidChannel | None:
+    """Refuse a channel the server would truncate, measured in its encoding."""
+    if len(channel) > MAX_CHANNEL_BYTES:
+        size = len(channel)
+        unit = "characters"
+    elif codec is None:
+        return None
+    else:
+        try:
+            size = len(channel.encode(codec))
+        except UnicodeEncodeError:
+            return None  # the server refuses it itself, with its own message
+        unit = f"bytes in the database encoding {codec}"
+    if size <= MAX_CHANNEL_BYTES:
+        return None
+    return InvalidChannel(
+        f"channel {channel!r} is {size} {unit}: PostgreSQL allows at most"
+        f" {MAX_CHANNEL_BYTES} bytes and would truncate it"
+    )
+
+
+class Core:
+    """Serves one listener: connect, LISTEN, read, dispatch, ping, reconnect."""
+
+    def __init__(
+        self,
+        listener: Any,
+        settings: Settings,
+        host: PluginHost,
+        on_reconnect: Callable[[], object] | None,
+        make_dispatcher: Callable[[Callable[[], None], Any], Any],
+        check_connection: Callable[[object], Any],
+    ):
+        self._listener = listener
+        self._settings = settings
+        self._host = host
+        self._on_reconnect = on_reconnect
+        self._check_connection = check_connection
+        self._requests: deque[Request] = deque()
+        self._internal: deque[Statement] = deque()
+        self._awaits: deque[Awaitable[Any]] = deque()
+        self._probes: list[Future[None]] = []
+        self._lock = threading.Lock()
+        self.waker = Waker()
+        self._stopping = False
+        self._finished = False
+        self._registry: dict[str, tuple[Callback, ...]] = {}
+        self._catch_ups: dict[str, dict[Callback, CatchUp]] = {}
+        self._held: dict[str, list[Delivery]] = {}
+        self._conn: Any = None
+        self._pgconn: pq.abc.PGconn | None = None
+        self._statement: Statement | None = None
+        self._encoding = "utf-8"
+        self.server_codec: str | None = None
+        self.thread_ident: int | None = None
+        self.backend_pid: int | None = None
+        self._session_pid: int | None = None
+        self.reconnects = 0
+        self._received: Counter[str] = Counter()
+        self._connected_since: float | None = None
+        self._last_notification_at: float | None = None
+        self._last_ping_at: float | None = None
+        self._last_ping_duration: float | None = None
+        self._queue_usage: float | None = None
+        self._dispatcher = make_dispatcher(self.waker.wake, self._callback_done)
+
+    # -- from any thread ---------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self._lock:
+            finished = self._finished
+            if not finished:
+                self._requests.append(request)
+        if finished:
+            stopped = ListenerStopped("the listener has stopped: nothing was changed")
+            settle(request.future, stopped)
+        else:
+            self.waker.wake()
+
+    def probe(self) -> Future[None]:
+        """A future the loop resolves on its next turn: it is not stuck."""
+        future: Future[None] = Future()
+        with self._lock:
+            finished = self._finished
+            if not finished:
+                self._probes.append(future)
+        if finished:
+            future.set_exception(ListenerStopped("the listener has stopped"))
+        else:
+            self.waker.wake()
+        return future
+
+    def stop(self) -> None:
+        # No lock: a signal handler may call this at any point of any thread.
+        self._stopping = True
+        self.waker.wake()
+
+    @property
+    def backlog(self) -> int:
+        return int(self._dispatcher.backlog)
+
+    @property
+    def channels(self) -> dict[str, tuple[Callback, ...]]:
+        return {
+            channel: tuple(registered(entry) for entry in entries)
+            for channel, entries in list(self._registry.items())
+        }
+
+    def stats(self, name: str) -> ListenerStats:
+        dispatcher = self._dispatcher
+        return ListenerStats(
+            name=name,
+            connected=self._connected_since is not None,
+            active=True,
+            backend_pid=self.backend_pid,
+            connected_since=self._connected_since,
+            reconnects=self.reconnects,
+            channels=tuple(self._registry),
+            received=dict(self._received),
+            delivered=dispatcher.delivered(),
+            callback_errors=dispatcher.errors(),
+            backlog=int(dispatcher.backlog),
+            last_notification_at=self._last_notification_at,
+            last_ping_at=self._last_ping_at,
+            last_ping_duration=self._last_ping_duration,
+            queue_usage=self._queue_usage,
+        )
+
+    # -- the loop ------------------------------------------------------------------
+
+    def serve(self) -> Loop:
+        """Run until ``stop()``; raise what ends it otherwise."""
+        self.thread_ident = threading.get_ident()
+        error: BaseException | None = None
+        self._host.call("listener_started", listener=self._listener)
+        try:
+            yield from self._serve_forever()
+        except Interrupted:
+            pass  # stop() was called while a statement waited for the server
+        except BaseException as ex:
+            error = ex
+            raise
+        finally:
+            self._finish(error)
+            if not isinstance(error, GeneratorExit):  # nothing may be awaited then
+                yield from self._close()
+                pending = self._dispatcher.shutdown()
+                if pending is not None:
+                    yield Await(pending)
+            self._host.call("listener_stopped", listener=self._listener, error=error)
+
+    def _serve_forever(self) -> Loop:
+        settings = self._settings
+        backoff = Backoff(settings.reconnect_delay, settings.max_reconnect_delay)
+        connected_before = False
+        failures = 0
+        while not self._stopping:
+            try:
+                yield from self._connect()
+            except ConnectionLost as ex:
+                self._abandon_statement(ex.__cause__ or ex)
+                yield from self._close()
+                failures += 1
+                limit = settings.max_reconnect_attempts
+                if limit is not None and failures >= limit:
+                    raise ReconnectFailed(
+                        f"could not connect after {failures} attempts:"
+                        f" {ex.__cause__ or ex}"
+                    ) from ex.__cause__
+                delay = backoff.next_delay()
+                logger.warning(
+                    "connection attempt %d failed (%s); next in %.2f s",
+                    failures,
+                    ex.__cause__ or ex,
+                    delay,
+                )
+                yield from self._sleep(delay)
+                continue
+            failures = 0
+
+            since = time.monotonic()
+            if connected_before:
+                self.reconnects += 1
+            self._host.call(
+                "listener_connected", listener=self._listener, connection=self._conn
+            )
+            if connected_before:
+                self._signal_reconnect()
+            connected_before = True
+            # Each registration's catch-up, at the first connection and after
+            # every reconnection, before any notification of its channel.
+            for channel, catch_ups in list(self._catch_ups.items()):
+                self._catch_up(channel, list(catch_ups.values()))
+            try:
+                yield from self._serve_connection()
+            except ConnectionLost as ex:
+                error = ex.__cause__ or ex
+                logger.warning("connection lost: %s; reconnecting", error)
+                self._abandon_statement(error)
+                yield from self._close()
+                self._host.call(
+                    "listener_disconnected", listener=self._listener, error=error
+                )
+                # A connection that dies at once must not make a tight loop:
+                # the backoff only starts over after one that held a while.
+                if time.monotonic() - since >= settings.healthy_after:
+                    backoff.reset()
+                yield from self._sleep(backoff.next_delay())
+
+    def _signal_reconnect(self) -> None:
+        logger.warning(
+            "reconnected: notifications sent while disconnected were not received"
+        )
+        self._host.call(
+            "listener_reconnected", listener=self._listener, connection=self._conn
+        )
+        if self._on_reconnect is not None:
+            try:
+                self._on_reconnect()
+            except Exception:
+                logger.exception("on_reconnect callback %r raised", self._on_reconnect)
+
+    def _sleep(self, delay: float) -> Loop:
+        """Wait before reconnecting; ``stop()`` cuts the wait short."""
+        deadline = time.monotonic() + delay
+        while not self._stopping and time.monotonic() < deadline:
+            yield Wait(-1, 0, deadline)
+            self.waker.drain()
+            self._answer_probes()
+
+    def _connect(self) -> Loop:
+        logger.debug("connecting (thread %s)", threading.current_thread().name)
+        try:
+            conn = yield CONNECT
+        except Exception as ex:
+            raise ConnectionLost("the connection factory raised") from ex
+        self._conn = conn = self._check_connection(conn)
+        self._pgconn = conn.pgconn
+        self._encoding = conn.info.encoding
+        self.server_codec = python_codec(conn.info.parameter_status("server_encoding"))
+        self.backend_pid = conn.info.backend_pid
+        try:
+            # The backend's own pid, from the server: a pooler reports its own.
+            listen = Statement(
+                b";".join(
+                    [b"SELECT pg_backend_pid()"]
+                    + [self._statement_for("LISTEN", ch) for ch in self._registry]
+                ),
+                expected=1 + len(self._registry),
+            )
+            yield from self._run(listen)
+            self._session_pid = int(listen.value(0) or 0)
+            # Changes made before start() or while disconnected, so that the
+            # connected hooks see every channel listened to.
+            while self._requests:
+                statement = self._next_request()
+                if statement is not None:
+                    yield from self._run(statement)
+            # A following statement must find the same session, still
+            # listening: behind a pooler in transaction or statement mode it
+            # may be another server session, which would never deliver.
+            check = Statement(PING)
+            yield from self._run(check)
+        except psycopg.Error as ex:
+            # Such as "cannot execute LISTEN during recovery" on a standby:
+            # retry, with backoff, until a server accepts them again.
+            raise ConnectionLost() from ex
+        self._check_session(check)
+        self._connected_since = time.time()
+        logger.info(
+            "connected (backend pid %d), listening on %d channels",
+            self.backend_pid,
+            len(self._registry),
+        )
+
+    def _check_session(self, check: Statement) -> None:
+        pid = int(check.value(0) or 0)
+        listened = int(check.value(2) or 0)
+        if pid != self._session_pid:
+            raise SessionNotKept(
+                f"consecutive statements ran in different server sessions (backend"
+                f" {self._session_pid}, then {pid}): the connection goes through a"
+                " pooler in transaction or statement mode, where LISTEN is lost"
+                " silently. Connect directly to PostgreSQL, or through a pooler"
+                " in session mode (PgBouncer: pool_mode = session)"
+            )
+        if listened < len(self._registry):
+            self._relisten()
+
+    def _close(self) -> Loop:
+        conn, self._conn, self._pgconn = self._conn, None, None
+        self.backend_pid = self._session_pid = self._connected_since = None
+        self._held.clear()
+        self._internal.clear()
+        if conn is not None:
+            yield Close(conn)
+
+    def _finish(self, error: BaseException | None) -> None:
+        with self._lock:
+            self._finished = True
+            pending, self._requests = self._requests, deque()
+            probes, self._probes = self._probes, []
+        if self._statement is not None and self._statement.request is not None:
+            pending.appendleft(self._statement.request)
+        self._statement = None
+        if isinstance(error, Exception):
+            reason: BaseException = error
+        else:  # stop(), KeyboardInterrupt, cancellation
+            reason = ListenerStopped("the listener stopped before applying this change")
+        for request in pending:
+            settle(request.future, reason)
+        for probe in probes:
+            settle(probe, reason)
+
+    def _answer_probes(self) -> None:
+        if self._probes:
+            with self._lock:
+                probes, self._probes = self._probes, []
+            for probe in probes:
+                settle(probe)
+
+    def _serve_connection(self) -> Loop:
+        """Read, dispatch, apply requests and ping until ``stop()`` or a loss."""
+        pgconn = self._pgconn
+        assert pgconn is not None
+        fileno = pgconn.socket
+        ping_period = self._settings.ping_period
+        timeout = self._settings.ping_timeout
+        dispatcher = self._dispatcher
+        awaits = self._awaits
+        flushing = False
+        deadline = 0.0  # of the statement in flight: silence allowed until then
+        last_activity = time.monotonic()
+        while True:
+            while awaits:
+                yield Await(awaits.popleft())
+            if self._probes:
+                self._answer_probes()
+            if self._stopping:
+                return
+            room = dispatcher.room()
+            if room > 0 and self._take_notifications(room):
+                continue  # the batch filled the room: look again
+            statement = self._statement
+            if statement is not None and not flushing and statement.collect(pgconn):
+                self._statement = None
+                self._done(statement)
+                continue  # notifications parsed with the answer go first
+            if room <= 0:
+                # The backlog is full: stop reading, let the server buffer,
+                # and sleep until a worker has drained it to half. The
+                # statement in flight waits too, and its deadline with it.
+                yield Wait(-1, 0, None)
+                self.waker.drain()
+                last_activity = time.monotonic()
+                deadline = last_activity + timeout
+                continue
+            now = time.monotonic()
+            if statement is None:
+                ping_due = bool(ping_period) and now >= last_activity + ping_period
+                statement = self._next_statement(ping_due)
+                if statement is not None:
+                    try:
+                        pgconn.send_query(statement.query)
+                        flushing = pgconn.flush() != 0
+                    except psycopg.OperationalError as ex:
+                        self._statement = statement
+                        raise ConnectionLost() from ex
+                    statement.started = time.perf_counter()
+                    self._statement = statement
+                    deadline = now + timeout
+                    continue
+                if self._requests:
+                    continue  # those that needed no statement were answered
+            if statement is not None:
+                wake_at: float | None = deadline
+            elif ping_period:
+                wake_at = last_activity + ping_period
+            else:
+                wake_at = None
+            ready = yield Wait(fileno, READ | WRITE if flushing else READ, wake_at)
+            if not ready:
+                self.waker.drain()
+                if statement is not None and time.monotonic() >= deadline:
+                    raise ConnectionLost() from TimeoutError(
+                        f"the server did not answer within {timeout} s"
+                    )
+                continue
+            try:
+                if ready & WRITE:
+                    flushing = pgconn.flush() != 0
+                if ready & READ:
+                    pgconn.consume_input()
+            except psycopg.OperationalError as ex:
+                raise ConnectionLost() from ex
+            if pgconn.status != _OK:
+                raise ConnectionLost() from psycopg.OperationalError(
+                    pgconn.get_error_message() or "the connection was closed"
+                )
+            last_activity = time.monotonic()
+            deadline = last_activity + timeout
+
+    def _take_notifications(self, room: int) -> bool:
+        """Hand parsed notifications over; ``True`` when they filled ``room``."""
+        pgconn = self._pgconn
+        assert pgconn is not None
+        encoding = self._encoding
+        registry = self._registry
+        on_notification = self._host.caller("listener_notification")
+        listener = self._listener
+        batch: list[Delivery] = []
+        next_notify = pgconn.notifies
+        while True:
+            pgnotify = next_notify()
+            if pgnotify is None:
+                break
+            try:
+                channel = pgnotify.relname.decode(encoding)
+                payload = pgnotify.extra.decode(encoding)
+            except UnicodeDecodeError:
+                # Never fatal, nothing lost: bytes the encoding cannot decode
+                # (a SQL_ASCII database) come through as lone surrogates, and
+                # payload.encode(encoding, "surrogateescape") gives them back.
+                channel = pgnotify.relname.decode(encoding, "surrogateescape")
+                payload = pgnotify.extra.decode(encoding, "surrogateescape")
+            # tuple.__new__, as namedtuple's own _make() does, skips the
+            # Python-level Notify.__new__: 17% of a drain in the profile.
+            notify: Notify = _tuple_new(Notify, (channel, payload, pgnotify.be_pid))
+            if on_notification is not None:
+                on_notification(listener=listener, notify=notify)
+            callbacks = registry.get(channel)
+            if callbacks:
+                batch.append((callbacks, notify))
+                if len(batch) >= room:
+                    break
+        if not batch:
+            return False
+        self._last_notification_at = time.time()
+        _count_into(self._received, map(_channel_of, map(_notify_of, batch)))
+        full = len(batch) >= room
+        if self._held:
+            batch = self._hold(batch)
+        pending = self._dispatcher.dispatch(batch)
+        if pending is not None:
+            self._awaits.append(pending)
+        return full
+
+    def _hold(self, batch: list[Delivery]) -> list[Delivery]:
+        """Keep back the notifications of channels whose catch-up must run first."""
+        held = self._held
+        passed = []
+        for delivery in batch:
+            waiting = held.get(delivery[1][0])
+            if waiting is None:
+                passed.append(delivery)
+            else:
+                waiting.append(delivery)
+        return passed
+
+    def _callback_done(self) -> Callable[[Callback, Notify, float, Any], None] | None:
+        caller = self._host.caller("listener_callback_done")
+        if caller is None:
+            return None
+        listener = self._listener
+
+        def done(
+            callback: Callback, notify: Notify, duration: float, error: Any
+        ) -> None:
+            caller(
+                listener=listener,
+                callback=registered(callback),
+                notify=notify,
+                duration=duration,
+                error=error,
+            )
+
+        return done
+
+    # -- catch-ups -------------------------------------------------------------------
+
+    def _catch_up(self, channel: str, catch_ups: list[CatchUp]) -> None:
+        """Run catch-ups through the dispatcher, ahead of the channel's deliveries."""
+        if not catch_ups:
+            return
+        pending = self._dispatcher.catch_up(
+            channel, self._catch_up_runner(channel, catch_ups)
+        )
+        if pending is not None:
+            self._awaits.append(pending)
+
+    def _catch_up_runner(
+        self, channel: str, catch_ups: list[CatchUp]
+    ) -> Callable[[], Awaitable[None] | None]:
+        host, listener = self._host, self._listener
+
+        def report(catch_up: CatchUp, started: float, error: Exception | None) -> None:
+            if error is not None:
+                logger.error(
+                    "catch-up %r of channel %r raised",
+                    catch_up,
+                    channel,
+                    exc_info=error,
+                )
+            host.call(
+                "listener_catch_up_done",
+                listener=listener,
+                channel=channel,
+                catch_up=catch_up,
+                duration=time.perf_counter() - started,
+                error=error,
+            )
+
+        async def finish(
+            awaitable: Awaitable[object],
+            catch_up: CatchUp,
+            started: float,
+            rest: list[CatchUp],
+        ) -> None:
+            try:
+                await awaitable
+            except Exception as ex:
+                report(catch_up, started, ex)
+            else:
+                report(catch_up, started, None)
+            pending = run(rest)
+            if pending is not None:
+                await pending
+
+        def run(catch_ups: list[CatchUp]) -> Awaitable[None] | None:
+            for index, catch_up in enumerate(catch_ups):
+                started = time.perf_counter()
+                try:
+                    result = catch_up(channel)
+                except Exception as ex:
+                    report(catch_up, started, ex)
+                    continue
+                if inspect.isawaitable(result):
+                    return finish(result, catch_up, started, catch_ups[index + 1 :])
+                report(catch_up, started, None)
+            return None
+
+        return lambda: run(catch_ups)
+
+    # -- statements ----------------------------------------------------------------
+
+    def _statement_for(self, verb: str, channel: str) -> bytes:
+        assert self._conn is not None
+        # Always an identifier, never text: MixedCase, spaces and quotes survive.
+        query = sql.SQL(verb + " {}").format(sql.Identifier(channel))
+        return query.as_bytes(self._conn)
+
+    def _run(self, statement: Statement) -> Generator[Wait, int, None]:
+        """Run one statement to its end, waiting for nothing else (connect phase).
+
+        Its own error is raised; a broken or silent connection raises
+        ``ConnectionLost``; ``stop()`` raises ``Interrupted``.
+        """
+        pgconn = self._pgconn
+        assert pgconn is not None
+        timeout = self._settings.ping_timeout
+        deadline = time.monotonic() + timeout
+        self._statement = statement
+        try:
+            pgconn.send_query(statement.query)
+            statement.started = time.perf_counter()
+            flushing = pgconn.flush() != 0
+            while flushing or not statement.collect(pgconn):
+                ready = yield Wait(
+                    pgconn.socket, READ | WRITE if flushing else READ, deadline
+                )
+                if self._stopping:
+                    raise Interrupted
+                if not ready:
+                    self.waker.drain()
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(
+                            f"the server did not answer within {timeout} s"
+                        )
+                    continue
+                if ready & WRITE:
+                    flushing = pgconn.flush() != 0
+                if ready & READ:
+                    pgconn.consume_input()
+                deadline = time.monotonic() + timeout
+        except (psycopg.OperationalError, TimeoutError) as ex:
+            raise ConnectionLost() from ex
+        if pgconn.status != _OK:
+            raise ConnectionLost() from psycopg.OperationalError(
+                pgconn.get_error_message() or "the connection was closed"
+            )
+        self._statement = None
+        self._done(statement)
+
+    def _done(self, statement: Statement) -> None:
+        """A statement's answer is in: settle what it was for."""
+        error = statement.error(self._encoding)
+        if statement.on_done is not None:
+            statement.on_done(statement, error)
+        elif statement.request is not None:
+            self._request_done(statement.request, error)
+        elif error is not None:
+            raise error
+
+    def _next_statement(self, ping_due: bool) -> Statement | None:
+        if self._internal:
+            return self._internal.popleft()
+        while self._requests:
+            statement = self._next_request()
+            if statement is not None:
+                return statement
+        if ping_due:
+            return Statement(PING, on_done=self._ping_done)
+        return None
+
+    def _next_request(self) -> Statement | None:
+        """Apply the next request; the statement it needs, if any."""
+        request = self._requests.popleft()
+        future = request.future
+        # A request put back after a lost connection is running already.
+        if not (future.running() or future.set_running_or_notify_cancel()):
+            return None  # cancelled by its user while queued
+        channel, callback = request.channel, request.callback
+        entries = self._registry.get(channel, ())
+        callbacks = [registered(entry) for entry in entries]
+        if request.action == "add":
+            if callback in callbacks:
+                request.future.set_result(None)
+                return None
+            if not entries and (error := channel_too_long(channel, self.server_codec)):
+                request.future.set_exception(error)
+                return None
+            entry = (
+                callback
+                if request.decode is None
+                else Decoding(callback, request.decode)
+            )
+            # Registered before LISTEN is acknowledged: the server may send
+            # the channel's first notifications just before its answer.
+            self._registry[channel] = (*entries, entry)
+            if request.catch_up is not None:
+                self._catch_ups.setdefault(channel, {})[callback] = request.catch_up
+            if entries:
+                request.future.set_result(None)
+                if request.catch_up is not None and self._connected_since:
+                    self._catch_up(channel, [request.catch_up])
+                return None
+            try:
+                query = self._statement_for("LISTEN", channel)
+            except Exception as ex:  # not encodable in the client encoding
+                self._unregister(channel, callback)
+                request.future.set_exception(ex)
+                return None
+            if request.catch_up is not None:
+                self._held[channel] = []
+            return Statement(query, request=request)
+        if callback not in callbacks:
+            request.future.set_exception(
+                CallbackNotRegistered(
+                    f"{callback!r} is not registered on channel {channel!r}"
+                )
+            )
+            return None
+        if len(entries) > 1:
+            self._unregister(channel, callback)
+            request.future.set_result(None)
+            return None
+        # Forgotten only once UNLISTEN is acknowledged: a refused one changes
+        # nothing, so the future and the listener's state agree.
+        return Statement(self._statement_for("UNLISTEN", channel), request=request)
+
+    def _unregister(self, channel: str, callback: Callback) -> None:
+        remaining = tuple(
+            e for e in self._registry.get(channel, ()) if registered(e) != callback
+        )
+        catch_ups = self._catch_ups.get(channel, {})
+        catch_ups.pop(callback, None)
+        if remaining:
+            self._registry[channel] = remaining
+            return
+        self._registry.pop(channel, None)
+        self._catch_ups.pop(channel, None)
+        self._held.pop(channel, None)
+
+    def _request_done(self, request: Request, error: psycopg.Error | None) -> None:
+        channel = request.channel
+        if request.action == "add":
+            held = self._held.pop(channel, None)
+            if error is not None:
+                self._unregister(channel, request.callback)
+                request.future.set_exception(error)
+                return
+            request.future.set_result(None)
+            # While connecting, every channel's catch-ups run once connected.
+            if request.catch_up is not None and self._connected_since:
+                self._catch_up(channel, [request.catch_up])
+            if held:
+                pending = self._dispatcher.dispatch(held)
+                if pending is not None:
+                    self._awaits.append(pending)
+            return
+        if error is not None:
+            request.future.set_exception(error)
+            return
+        self._unregister(channel, request.callback)
+        request.future.set_result(None)
+
+    def _abandon_statement(self, error: BaseException) -> None:
+        """The connection broke with a statement in flight."""
+        statement, self._statement = self._statement, None
+        if statement is None:
+            return
+        if statement.on_done == self._ping_done:
+            self._ping_hook(statement, error)
+        request = statement.request
+        if request is None:
+            return
+        if request.action == "add":
+            # Registered already: the next connection LISTENs to it, then
+            # the request, applied again, finds it there and resolves.
+            self._held.pop(request.channel, None)
+            self._requests.appendleft(request)
+        else:
+            self._unregister(request.channel, request.callback)
+            request.future.set_result(None)  # the next connection won't LISTEN
+
+    # -- ping and session checks ------------------------------------------------------
+
+    def _ping_hook(self, statement: Statement, error: BaseException | None) -> None:
+        self._host.call(
+            "listener_ping",
+            listener=self._listener,
+            duration=time.perf_counter() - statement.started,
+            error=error,
+        )
+
+    def _ping_done(self, statement: Statement, error: psycopg.Error | None) -> None:
+        self._ping_hook(statement, error)
+        if error is not None:
+            raise ConnectionLost() from error
+        self._last_ping_at = time.time()
+        self._last_ping_duration = time.perf_counter() - statement.started
+        usage = float(statement.value(1) or 0)
+        self._queue_usage = usage
+        if usage >= self._settings.queue_usage_warning:
+            logger.warning(
+                "the server's notification queue is %.0f%% full: at 100%% every"
+                " commit that sends NOTIFY fails, cluster-wide. A session idle in"
+                " transaction, or a listener that does not keep up, holds it back"
+                " (see pg_stat_activity)",
+                usage * 100,
+            )
+        self._check_session(statement)
+
+    def _relisten(self) -> None:
+        """The session stopped listening to some channel: find which, LISTEN again."""
+
+        def listened(statement: Statement, error: psycopg.Error | None) -> None:
+            if error is not None:
+                raise ConnectionLost() from error
+            have = set(json.loads(statement.value(0) or b"[]"))
+            missing = [channel for channel in self._registry if channel not in have]
+            if not missing:
+                return
+            logger.warning(
+                "the session no longer listened to %d channels (%s): an UNLISTEN"
+                " ran on it, or a pooler changed the server session; listening"
+                " again and catching up",
+                len(missing),
+                ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""),
+            )
+            self._internal.appendleft(
+                Statement(
+                    b";".join(self._statement_for("LISTEN", ch) for ch in missing),
+                    expected=len(missing),
+                    on_done=lambda statement, error: self._relistened(missing, error),
+                )
+            )
+
+        self._internal.append(Statement(LISTENED, on_done=listened))
+
+    def _relistened(self, channels: Iterable[str], error: psycopg.Error | None) -> None:
+        if error is not None:
+            raise ConnectionLost() from error
+        for channel in channels:
+            self._catch_up(channel, list(self._catch_ups.get(channel, {}).values()))

@@ -1,0 +1,53 @@
+"""What a listener counts, and the frozen snapshot ``stats()`` returns.
+
+The serving loop and the dispatcher count per batch (one ``Counter`` update
+in C per read, one per chunk run), never with a lock per notification;
+``stats()`` copies the counters when asked, so a collector that reads them at
+scrape time costs the hot path nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ListenerStats:
+    """A listener's state and counters at one instant.
+
+    Counters only grow (until the process ends); per-channel mappings hold the
+    channels that saw at least one notification, listened to now or not.
+    """
+
+    name: str
+    """The listener's name (``Listener(name=...)``)."""
+    connected: bool
+    """Whether a connection is established and its channels listened to."""
+    active: bool
+    """Whether callbacks run (``False`` for an ``exclusive`` standby)."""
+    backend_pid: int | None
+    """The server process of the connection; ``None`` while disconnected."""
+    connected_since: float | None
+    """When the current connection was established (``time.time()``)."""
+    reconnects: int
+    """Connections re-established after a loss (each may have missed some)."""
+    channels: tuple[str, ...]
+    """The channels listened to now."""
+    received: Mapping[str, int]
+    """Notifications read, per channel (channels with a callback)."""
+    delivered: Mapping[str, int]
+    """Notifications whose callbacks all ran, per channel."""
+    callback_errors: Mapping[str, int]
+    """Callbacks that raised, per channel."""
+    backlog: int
+    """Notifications read whose callbacks have not all run yet."""
+    last_notification_at: float | None
+    """When the last notification was read (``time.time()``)."""
+    last_ping_at: float | None
+    """When the last ping was answered (``time.time()``)."""
+    last_ping_duration: float | None
+    """Seconds the last answered ping took."""
+    queue_usage: float | None
+    """``pg_notification_queue_usage()`` at the last ping: the fraction of the
+    server's notification queue in use (commits that NOTIFY fail at 1.0)."""

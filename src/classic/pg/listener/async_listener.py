@@ -1,0 +1,309 @@
+"""``AsyncListener``: the same serving loop as ``Listener``, driven by asyncio.
+
+The loop (``_core``) is the one ``Listener`` runs; here ``_waiting.run_async``
+drives it with the event loop's readers, so it starts no thread and never
+blocks the event loop. Callbacks, coroutine functions or plain ones, run in
+the event loop; hooks too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from psycopg import Notify
+
+from . import _waiting
+from ._backoff import Backoff
+from ._dispatch_async import InlineDispatcher, TaskDispatcher
+from ._facade import ListenerBase, check_connection
+from .errors import BufferOverflow
+from .hookspecs import CatchUp
+
+logger = logging.getLogger("classic.pg.listener")
+
+AsyncConnectionFactory = Callable[
+    [], "psycopg.AsyncConnection[Any] | Awaitable[psycopg.AsyncConnection[Any]]"
+]
+
+
+class AsyncListener(ListenerBase):
+    """Calls your callbacks, in the event loop, with the notifications of channels.
+
+    :param connection_factory: called without arguments for every
+        (re)connection; returns a ``psycopg.AsyncConnection`` opened with
+        ``autocommit=True``, or is a coroutine function returning one (such as
+        ``lambda: psycopg.AsyncConnection.connect(dsn, autocommit=True)``).
+    :param max_concurrency: how many callbacks may run at once, in worker
+        tasks (``None``: 100); ``0`` awaits each callback in the serving
+        task, one at a time, in order.
+    :param ping_period: as for ``Listener``, and every keyword argument
+        too: ``ping_timeout``, ``max_backlog``, ``reconnect_delay``,
+        ``max_reconnect_delay``, ``max_reconnect_attempts``, ``on_reconnect``,
+        ``plugins``, ``autoload_plugins``, ``blocked_plugins``, ``name``.
+
+    Callbacks may be ``async def`` functions, awaited, or plain functions,
+    called in the event loop: a plain function holds the whole loop while it
+    runs, so keep it short, and hand blocking work to
+    ``asyncio.to_thread()`` from an ``async def`` callback.
+    """
+
+    _allow_async = True
+
+    def __init__(
+        self,
+        connection_factory: AsyncConnectionFactory,
+        max_concurrency: int | None = None,
+        ping_period: float = 60,
+        *,
+        ping_timeout: float = 5.0,
+        max_backlog: int = 10_000,
+        reconnect_delay: float = Backoff.INITIAL_DELAY,
+        max_reconnect_delay: float = Backoff.MAX_DELAY,
+        max_reconnect_attempts: int | None = None,
+        on_reconnect: Callable[[], object] | None = None,
+        plugins: Iterable[object] = (),
+        autoload_plugins: bool | None = None,
+        blocked_plugins: Iterable[str] = (),
+        name: str | None = None,
+    ):
+        if max_concurrency is not None and (
+            not isinstance(max_concurrency, int) or max_concurrency < 0
+        ):
+            raise ValueError(
+                f"max_concurrency must be None or >= 0, got {max_concurrency!r}"
+            )
+        self._max_concurrency = max_concurrency
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None  # known at run() or start()
+        self._started = False
+        self._finished = False
+        self._task: asyncio.Task[None] | None = None
+        self._done: asyncio.Event | None = None
+        super().__init__(
+            connection_factory,
+            ping_period,
+            ping_timeout=ping_timeout,
+            max_backlog=max_backlog,
+            reconnect_delay=reconnect_delay,
+            max_reconnect_delay=max_reconnect_delay,
+            max_reconnect_attempts=max_reconnect_attempts,
+            on_reconnect=on_reconnect,
+            plugins=plugins,
+            autoload_plugins=autoload_plugins,
+            blocked_plugins=blocked_plugins,
+            name=name,
+        )
+
+    def _make_dispatcher(
+        self, wake: Callable[[], None], on_done: Callable[[], Any]
+    ) -> InlineDispatcher | TaskDispatcher:
+        if self._max_concurrency == 0:
+            return InlineDispatcher(on_done)
+        return TaskDispatcher(
+            self._max_concurrency,
+            self._settings.max_backlog,
+            on_done,
+            wake,
+            self.name,
+        )
+
+    def _check_connection(self, conn: object) -> psycopg.AsyncConnection[Any]:
+        hint = ""
+        if isinstance(conn, psycopg.Connection):
+            hint = ": use Listener for a (blocking) Connection"
+        result: psycopg.AsyncConnection[Any] = check_connection(
+            conn, psycopg.AsyncConnection, hint
+        )
+        return result
+
+    def _in_loop(self, future: Future[None]) -> asyncio.Future[None]:
+        """The request's future as an asyncio one, resolved in the listener's loop."""
+        loop = self._loop
+        if loop is None:
+            try:
+                loop = self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                future.cancel()
+                raise RuntimeError(
+                    "AsyncListener: call this from the event loop, or from"
+                    " another thread once the listener runs in its loop"
+                ) from None
+        return asyncio.wrap_future(future, loop=loop)
+
+    def __repr__(self) -> str:
+        if self._finished:
+            state = "stopped"
+        elif self._started:
+            state = "connected" if self.backend_pid else "disconnected"
+        else:
+            state = "initial"
+        return f"<AsyncListener {self.name} {state}>"
+
+    # -- callbacks -------------------------------------------------------------
+
+    def add_callback(
+        self,
+        callback: Callable[[Notify], object],
+        channel: str,
+        *,
+        catch_up: CatchUp | None = None,
+        decode: Callable[[str], Any] | None = None,
+    ) -> asyncio.Future[None]:
+        """Call ``callback(notify)`` (awaited if it is a coroutine) for ``channel``.
+
+        As ``Listener.add_callback``, with an ``asyncio.Future`` to await or
+        not; callable from the loop or from any thread, the future resolving
+        in the loop. ``catch_up`` may be a coroutine function too.
+        """
+        return self._in_loop(self._request("add", callback, channel, catch_up, decode))
+
+    def remove_callback(
+        self, callback: Callable[[Notify], object], channel: str
+    ) -> asyncio.Future[None]:
+        """Stop calling ``callback`` for ``channel``, as ``Listener`` does."""
+        return self._in_loop(self._request("remove", callback, channel))
+
+    def unregister_plugin(self, name: str) -> asyncio.Future[None]:
+        """Unregister a plugin and remove its callbacks; as ``Listener``'s."""
+        return self._in_loop(self._host.unregister(name))
+
+    async def notifications(
+        self,
+        channel: str,
+        *,
+        max_buffer: int = 1000,
+        catch_up: CatchUp | None = None,
+    ) -> AsyncIterator[Notify]:
+        """The notifications of ``channel``, as an async iterator.
+
+        For a WebSocket or server-sent-events endpoint::
+
+            async for notify in listener.notifications("orders"):
+                await websocket.send_text(notify.payload)
+
+        Listening starts at the first ``__anext__()``, which returns once
+        the channel is listened to (and with its first notification). Up to
+        ``max_buffer`` notifications wait for a slow consumer; one more and
+        the iterator raises ``BufferOverflow`` once it has yielded those
+        (rather than dropping notifications silently, or holding up every
+        other callback). Leaving the loop removes the callback; to remove
+        it at a known moment, wrap the iterator in
+        ``contextlib.aclosing()``.
+        """
+        if max_buffer < 1:
+            raise ValueError(f"max_buffer must be >= 1, got {max_buffer!r}")
+        buffer: asyncio.Queue[Notify | None] = asyncio.Queue()
+        overflowed = False
+
+        def put(notify: Notify) -> None:
+            nonlocal overflowed
+            if overflowed:
+                return
+            if buffer.qsize() >= max_buffer:
+                overflowed = True
+                buffer.put_nowait(None)  # where the gap is
+                return
+            buffer.put_nowait(notify)
+
+        await self.add_callback(put, channel, catch_up=catch_up)
+        try:
+            while True:
+                notify = await buffer.get()
+                if notify is None:
+                    raise BufferOverflow(
+                        f"the consumer of channel {channel!r} fell {max_buffer}"
+                        " notifications behind: later ones were not kept"
+                    )
+                yield notify
+        finally:
+            if not self._finished:
+                self.remove_callback(put, channel)
+
+    # -- running ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve in the running event loop until ``stop()``.
+
+        Raises what ended the listener otherwise (``ReconnectFailed``,
+        ``SessionNotKept``...). Cancelling the task that awaits it stops the
+        listener cleanly, closing the connection and resolving every future,
+        then re-raises ``CancelledError``.
+        """
+        self._mark_started()
+        await self._serve()
+        if self._exception is not None:
+            raise self._exception
+
+    def start(self) -> None:
+        """Serve in a task of the running loop; return at once."""
+        self._mark_started()
+        assert self._loop is not None
+        self._task = self._loop.create_task(self._serve(logged=True), name=self.name)
+
+    def _mark_started(self) -> None:
+        if self._started:
+            raise RuntimeError("a listener can only be started once")
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            raise RuntimeError("the listener was made in another event loop")
+        self._loop = loop
+        self._started = True
+        self._done = asyncio.Event()
+
+    async def _serve(self, logged: bool = False) -> None:
+        dispatcher = self._core._dispatcher
+        try:
+            await _waiting.run_async(
+                self._core.serve(),
+                self._core.waker.fileno(),
+                self._factory,
+                on_cancel=dispatcher.cancel,
+            )
+        except asyncio.CancelledError:
+            raise
+        except BaseException as ex:
+            self._exception = ex
+            if logged:
+                logger.error("listener %s ended", self.name, exc_info=ex)
+        finally:
+            self._finished = True
+            assert self._done is not None
+            self._done.set()
+
+    async def join(self, timeout: float | None = None) -> None:
+        """Wait until the listener has stopped and every accepted callback ran.
+
+        Returns after ``timeout`` seconds even if it has not, like
+        ``Listener.join``; raises ``RuntimeError`` before ``start()``/``run()``.
+        """
+        if self._done is None:
+            raise RuntimeError("cannot join a listener that was not started")
+        # asyncio's TimeoutError: not yet the builtin one on Python 3.10.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._done.wait(), timeout)
+
+    def is_alive(self) -> bool:
+        """Whether the listener was started and has not finished stopping."""
+        return self._started and not self._finished
+
+    async def __aenter__(self) -> AsyncListener:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        await self.join()
