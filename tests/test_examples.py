@@ -52,19 +52,13 @@ def _params(dsn: str) -> str:
 
 
 def _wait_for_listen(conn: psycopg.Connection[Any], app: str) -> None:
-    """Poll the server until the example's session has listened and checked it.
-
-    The session check (a query on ``pg_listening_channels()``) is the last
-    statement of a connection's set-up: once the session is idle after it,
-    every channel is listened to.
-    """
+    """Poll the server until the example's session has run its LISTEN."""
     wait_until(
         lambda: (
             conn.execute(
                 "SELECT 1 FROM pg_stat_activity"
-                " WHERE application_name = %s AND state = 'idle'"
-                " AND query LIKE %s",
-                (app, "%pg_listening_channels()%"),
+                " WHERE application_name = %s AND query = %s",
+                (app, 'LISTEN "some_channel"'),
             ).fetchone()
             is not None
         ),

@@ -108,6 +108,10 @@ class Recorder:
         self._record("listener_notification", listener=listener, notify=notify)
 
     @hookimpl
+    def listener_active_changed(self, listener, active):
+        self._record("listener_active_changed", listener=listener, active=active)
+
+    @hookimpl
     def listener_catch_up_done(self, listener, channel, catch_up, duration, error):
         self._record(
             "listener_catch_up_done",
@@ -391,6 +395,32 @@ def test_hook_listener_catch_up_done(make_listener, channel, max_workers):
     serving = max_workers == 0
     assert (ran[0][1] == listener.name) is serving
     assert (done.thread.name == listener.name) is serving
+
+
+def test_hook_listener_active_changed(make_listener, channel):
+    name = f"exclusive-{channel}"
+    first, second = Recorder(), Recorder()
+    holder = make_listener(
+        max_workers=0, ping_period=0.2, exclusive=name, plugins=[first]
+    )
+    holder.start()
+    (took,) = first.wait("listener_active_changed")
+    assert took.active is True
+    assert took.listener is holder
+    assert took.thread.name == holder.name
+
+    standby = make_listener(
+        max_workers=0, ping_period=0.2, exclusive=name, plugins=[second]
+    )
+    standby.start()
+    second.wait("listener_ping", 2)  # it tried the lock, and failed, twice
+    assert not second.of("listener_active_changed")
+    assert not standby.is_active
+
+    holder.stop()  # its session, and the lock with it, ends
+    (taken,) = second.wait("listener_active_changed")
+    assert taken.active is True
+    assert standby.is_active
 
 
 def test_hook_listener_stopped(make_listener, conn, channel):

@@ -27,6 +27,7 @@ import inspect
 import json
 import logging
 import os
+import random
 import threading
 import time
 from collections import Counter, deque
@@ -76,6 +77,9 @@ PING = (
 """One round trip checks the link, the session (same backend, every channel
 still listened to) and the server's notification queue."""
 
+LOCK_NAMESPACE = "classic_pg_listener"
+"""The first key of an exclusive listener's advisory lock; its name the second."""
+
 LISTENED = b"SELECT coalesce(json_agg(c), '[]') FROM pg_listening_channels() AS c"
 
 
@@ -91,6 +95,8 @@ class Settings:
     max_reconnect_attempts: int | None
     healthy_after: float
     queue_usage_warning: float = 0.5
+    exclusive: str | None = None
+    max_connection_age: float | None = None
 
 
 @dataclass
@@ -150,6 +156,29 @@ class Statement:
 
     def value(self, column: int, row: int = 0) -> bytes | None:
         return self.results[0].get_value(row, column)
+
+
+@dataclass
+class Rotation:
+    """A new connection listening already, taking over at a marker notification.
+
+    PostgreSQL delivers every notification to every listening session in one
+    global (commit) order, so a marker sent once the new session listens
+    divides the stream: the old session delivers what precedes it, the new
+    one what follows it. Nothing is lost, nothing delivered twice.
+    """
+
+    conn: Any
+    token: str
+    futures: list[Future[None]]
+    session_pid: int
+    drained: bool = False
+    """The old session delivered its marker: everything before it is out."""
+
+    def fail(self, error: BaseException) -> None:
+        for future in self.futures:
+            if not future.done():
+                future.set_exception(error)
 
 
 class Decoding:
@@ -314,7 +343,6 @@ class Core:
         self._statement: Statement | None = None
         self._encoding = "utf-8"
         self.server_codec: str | None = None
-        self.thread_ident: int | None = None
         self.backend_pid: int | None = None
         self._session_pid: int | None = None
         self.reconnects = 0
@@ -324,32 +352,42 @@ class Core:
         self._last_ping_at: float | None = None
         self._last_ping_duration: float | None = None
         self._queue_usage: float | None = None
+        # exclusive: callbacks run only while the session holds the lock.
+        self.active = settings.exclusive is None
+        self._rotations: list[Future[None]] = []
+        self._rotation: Rotation | None = None
+        self._rotate_at: float | None = None
+        self._skip_until: str | None = None  # a new session's marker, after rotating
+        self._marker_channel = f"_pg_listener_rotation_{os.getpid()}_{id(self):x}"
+        self._markers = 0
         self._dispatcher = make_dispatcher(self.waker.wake, self._callback_done)
 
     # -- from any thread ---------------------------------------------------------
 
-    def submit(self, request: Request) -> None:
+    def _accept(self, queue: Any, item: object, future: Future[None]) -> None:
+        """Queue ``item`` for the loop, or fail its future once the loop ended."""
         with self._lock:
             finished = self._finished
             if not finished:
-                self._requests.append(request)
+                queue.append(item)
         if finished:
-            stopped = ListenerStopped("the listener has stopped: nothing was changed")
-            settle(request.future, stopped)
+            settle(future, ListenerStopped("the listener has stopped: nothing done"))
         else:
             self.waker.wake()
+
+    def submit(self, request: Request) -> None:
+        self._accept(self._requests, request, request.future)
 
     def probe(self) -> Future[None]:
         """A future the loop resolves on its next turn: it is not stuck."""
         future: Future[None] = Future()
-        with self._lock:
-            finished = self._finished
-            if not finished:
-                self._probes.append(future)
-        if finished:
-            future.set_exception(ListenerStopped("the listener has stopped"))
-        else:
-            self.waker.wake()
+        self._accept(self._probes, future, future)
+        return future
+
+    def rotate(self) -> Future[None]:
+        """Ask for a new connection that takes over without a gap."""
+        future: Future[None] = Future()
+        self._accept(self._rotations, future, future)
         return future
 
     def stop(self) -> None:
@@ -373,7 +411,7 @@ class Core:
         return ListenerStats(
             name=name,
             connected=self._connected_since is not None,
-            active=True,
+            active=self.active,
             backend_pid=self.backend_pid,
             connected_since=self._connected_since,
             reconnects=self.reconnects,
@@ -392,7 +430,6 @@ class Core:
 
     def serve(self) -> Loop:
         """Run until ``stop()``; raise what ends it otherwise."""
-        self.thread_ident = threading.get_ident()
         error: BaseException | None = None
         self._host.call("listener_started", listener=self._listener)
         try:
@@ -450,9 +487,10 @@ class Core:
                 self._signal_reconnect()
             connected_before = True
             # Each registration's catch-up, at the first connection and after
-            # every reconnection, before any notification of its channel.
-            for channel, catch_ups in list(self._catch_ups.items()):
-                self._catch_up(channel, list(catch_ups.values()))
+            # every reconnection, before any notification of its channel; an
+            # exclusive standby runs them when it takes over.
+            if self.active:
+                self._catch_up_all()
             try:
                 yield from self._serve_connection()
             except ConnectionLost as ex:
@@ -496,44 +534,70 @@ class Core:
             conn = yield CONNECT
         except Exception as ex:
             raise ConnectionLost("the connection factory raised") from ex
-        self._conn = conn = self._check_connection(conn)
-        self._pgconn = conn.pgconn
-        self._encoding = conn.info.encoding
-        self.server_codec = python_codec(conn.info.parameter_status("server_encoding"))
-        self.backend_pid = conn.info.backend_pid
+        self._use(self._check_connection(conn))
         try:
-            # The backend's own pid, from the server: a pooler reports its own.
-            listen = Statement(
-                b";".join(
-                    [b"SELECT pg_backend_pid()"]
-                    + [self._statement_for("LISTEN", ch) for ch in self._registry]
-                ),
-                expected=1 + len(self._registry),
-            )
-            yield from self._run(listen)
-            self._session_pid = int(listen.value(0) or 0)
+            self._session_pid = yield from self._listen_all(self._pgconn)
+            yield from self._verify(self._pgconn)
             # Changes made before start() or while disconnected, so that the
             # connected hooks see every channel listened to.
             while self._requests:
                 statement = self._next_request()
                 if statement is not None:
                     yield from self._run(statement)
-            # A following statement must find the same session, still
-            # listening: behind a pooler in transaction or statement mode it
-            # may be another server session, which would never deliver.
-            check = Statement(PING)
-            yield from self._run(check)
         except psycopg.Error as ex:
             # Such as "cannot execute LISTEN during recovery" on a standby:
             # retry, with backoff, until a server accepts them again.
             raise ConnectionLost() from ex
-        self._check_session(check)
-        self._connected_since = time.time()
+        self._connected()
         logger.info(
             "connected (backend pid %d), listening on %d channels",
             self.backend_pid,
             len(self._registry),
         )
+
+    def _use(self, conn: Any) -> None:
+        """Make ``conn`` the listener's connection."""
+        self._conn = conn
+        self._pgconn = conn.pgconn
+        self._encoding = conn.info.encoding
+        self.server_codec = python_codec(conn.info.parameter_status("server_encoding"))
+        self.backend_pid = conn.info.backend_pid
+
+    def _connected(self) -> None:
+        self._connected_since = time.time()
+        age = self._settings.max_connection_age
+        if age is not None:
+            # Jitter below the age only, so that it is never exceeded, and
+            # listeners started together do not all rotate together.
+            self._rotate_at = time.monotonic() + age * random.uniform(0.9, 1.0)
+
+    def _listen_all(self, pgconn: Any, *extra: str) -> Generator[Wait, int, int]:
+        """LISTEN every registered channel; the server session's own pid."""
+        channels = [*self._registry, *extra]
+        # The backend's pid from the server itself: a pooler reports its own.
+        listen = Statement(
+            b";".join(
+                [b"SELECT pg_backend_pid()"]
+                + [self._statement_for("LISTEN", ch) for ch in channels]
+            ),
+            expected=1 + len(channels),
+        )
+        yield from self._run(listen, pgconn)
+        return int(listen.value(0) or 0)
+
+    def _verify(self, pgconn: Any) -> Generator[Wait, int, None]:
+        """A following statement must find the same session, still listening.
+
+        Behind a pooler in transaction or statement mode it may be another
+        server session, which would never deliver. An exclusive listener
+        also tries to take its lock here.
+        """
+        check = Statement(
+            self._ping_query(try_lock=self._settings.exclusive is not None)
+        )
+        yield from self._run(check, pgconn)
+        self._check_session(check)
+        self._check_lock(check)
 
     def _check_session(self, check: Statement) -> None:
         pid = int(check.value(0) or 0)
@@ -552,8 +616,14 @@ class Core:
     def _close(self) -> Loop:
         conn, self._conn, self._pgconn = self._conn, None, None
         self.backend_pid = self._session_pid = self._connected_since = None
+        self._rotate_at = self._skip_until = None
         self._held.clear()
         self._internal.clear()
+        self._set_active(self._settings.exclusive is None)  # the lock went with it
+        rotation, self._rotation = self._rotation, None
+        if rotation is not None:
+            rotation.fail(ConnectionLost("the connection was lost while rotating"))
+            yield Close(rotation.conn)
         if conn is not None:
             yield Close(conn)
 
@@ -562,6 +632,9 @@ class Core:
             self._finished = True
             pending, self._requests = self._requests, deque()
             probes, self._probes = self._probes, []
+            rotations, self._rotations = self._rotations, []
+        if self._rotation is not None:
+            rotations += self._rotation.futures
         if self._statement is not None and self._statement.request is not None:
             pending.appendleft(self._statement.request)
         self._statement = None
@@ -571,8 +644,8 @@ class Core:
             reason = ListenerStopped("the listener stopped before applying this change")
         for request in pending:
             settle(request.future, reason)
-        for probe in probes:
-            settle(probe, reason)
+        for future in [*probes, *rotations]:
+            settle(future, reason)
 
     def _answer_probes(self) -> None:
         if self._probes:
@@ -586,13 +659,13 @@ class Core:
         pgconn = self._pgconn
         assert pgconn is not None
         fileno = pgconn.socket
-        ping_period = self._settings.ping_period
-        timeout = self._settings.ping_timeout
+        settings = self._settings
+        timeout = settings.ping_timeout
         dispatcher = self._dispatcher
         awaits = self._awaits
         flushing = False
         deadline = 0.0  # of the statement in flight: silence allowed until then
-        last_activity = time.monotonic()
+        last_activity = self._last_ping_sent = time.monotonic()
         while True:
             while awaits:
                 yield Await(awaits.popleft())
@@ -601,13 +674,21 @@ class Core:
             if self._stopping:
                 return
             room = dispatcher.room()
-            if room > 0 and self._take_notifications(room):
+            if room > 0 and self._take(room):
                 continue  # the batch filled the room: look again
             statement = self._statement
             if statement is not None and not flushing and statement.collect(pgconn):
                 self._statement = None
                 self._done(statement)
                 continue  # notifications parsed with the answer go first
+            rotation = self._rotation
+            if rotation is not None and rotation.drained:
+                yield from self._switch(rotation)
+                pgconn = self._pgconn
+                assert pgconn is not None
+                fileno = pgconn.socket
+                last_activity = time.monotonic()
+                continue
             if room <= 0:
                 # The backlog is full: stop reading, let the server buffer,
                 # and sleep until a worker has drained it to half. The
@@ -618,9 +699,13 @@ class Core:
                 deadline = last_activity + timeout
                 continue
             now = time.monotonic()
-            if statement is None:
-                ping_due = bool(ping_period) and now >= last_activity + ping_period
-                statement = self._next_statement(ping_due)
+            if statement is None and rotation is None:
+                if self._rotations or (
+                    self._rotate_at is not None and now >= self._rotate_at
+                ):
+                    yield from self._begin_rotation()
+                    continue
+                statement = self._next_statement(now, last_activity)
                 if statement is not None:
                     try:
                         pgconn.send_query(statement.query)
@@ -636,10 +721,12 @@ class Core:
                     continue  # those that needed no statement were answered
             if statement is not None:
                 wake_at: float | None = deadline
-            elif ping_period:
-                wake_at = last_activity + ping_period
+            elif rotation is not None:
+                wake_at = None  # the marker is on its way
             else:
-                wake_at = None
+                wake_at = self._next_ping(last_activity)
+                if self._rotate_at is not None:
+                    wake_at = min(wake_at or self._rotate_at, self._rotate_at)
             ready = yield Wait(fileno, READ | WRITE if flushing else READ, wake_at)
             if not ready:
                 self.waker.drain()
@@ -661,6 +748,139 @@ class Core:
                 )
             last_activity = time.monotonic()
             deadline = last_activity + timeout
+
+    def _next_ping(self, last_activity: float) -> float | None:
+        """When the next ping is due: after silence, or every period for a standby."""
+        period = self._settings.ping_period
+        if not period:
+            return None
+        if self.active:
+            return last_activity + period
+        return self._last_ping_sent + period
+
+    def _take(self, room: int) -> bool:
+        if self._rotation is None and self._skip_until is None:
+            return self._take_notifications(room)
+        return self._take_around_marker(room)
+
+    def _take_around_marker(self, room: int) -> bool:
+        """While rotating: the old session's notifications up to the marker, the
+        new one's after it."""
+        pgconn = self._pgconn
+        assert pgconn is not None
+        marker = self._marker_channel.encode()
+        rotation = self._rotation
+        if rotation is not None:
+            if rotation.drained:
+                return False  # what follows the marker comes from the new session
+            token = rotation.token.encode()
+        else:
+            assert self._skip_until is not None
+            token = self._skip_until.encode()
+        while True:
+            pgnotify = pgconn.notifies()
+            if pgnotify is None:
+                return False
+            if pgnotify.relname == marker and pgnotify.extra == token:
+                break
+            if rotation is not None:
+                self._deliver_one(pgnotify)
+            # else: the new session's copy of what the old one delivered
+        if rotation is not None:
+            rotation.drained = True
+            return True  # switch at once
+        self._skip_until = None
+        return self._take_notifications(room)
+
+    def _deliver_one(self, pgnotify: Any) -> None:
+        """A notification read during a rotation: rare enough to pay a batch each."""
+        encoding = self._encoding
+        channel = pgnotify.relname.decode(encoding, "surrogateescape")
+        callbacks = self._registry.get(channel)
+        notify: Notify = _tuple_new(
+            Notify,
+            (
+                channel,
+                pgnotify.extra.decode(encoding, "surrogateescape"),
+                pgnotify.be_pid,
+            ),
+        )
+        if (on_notification := self._host.caller("listener_notification")) is not None:
+            on_notification(listener=self._listener, notify=notify)
+        if callbacks and self.active:
+            self._received[channel] += 1
+            self._last_notification_at = time.time()
+            pending = self._dispatcher.dispatch([(callbacks, notify)])
+            if pending is not None:
+                self._awaits.append(pending)
+
+    # -- rotation ------------------------------------------------------------------
+
+    def _begin_rotation(self) -> Loop:
+        """Open the new connection, listen there, and send the marker."""
+        with self._lock:
+            futures, self._rotations = self._rotations, []
+        self._rotate_at = None
+        self._markers += 1
+        token = f"{os.getpid()}-{id(self):x}-{self._markers}"
+        marker = self._marker_channel
+        new: Any = None
+        try:
+            new = self._check_connection((yield CONNECT))
+            new_pid = yield from self._listen_all(new.pgconn, marker)
+            check = Statement(PING)
+            yield from self._run(check, new.pgconn)
+            if int(check.value(0) or 0) != new_pid:
+                raise SessionNotKept(
+                    "the new connection's statements ran in different server"
+                    " sessions: it goes through a pooler in transaction or"
+                    " statement mode"
+                )
+        except Exception as ex:
+            error = (ex.__cause__ or ex) if isinstance(ex, ConnectionLost) else ex
+            logger.warning("rotation failed, the current connection goes on: %s", error)
+            for future in futures:
+                settle(future, error)
+            if new is not None:
+                yield Close(new)
+            self._connected()  # try again after another age
+            return
+        # The old session listens to the marker too; if it breaks here, that
+        # is the old connection's loss, and the new one goes with it.
+        try:
+            yield from self._run(Statement(self._statement_for("LISTEN", marker)))
+            notify = sql.SQL("NOTIFY {}, {}").format(
+                sql.Identifier(marker), sql.Literal(token)
+            )
+            yield from self._run(Statement(notify.as_bytes(new)), new.pgconn)
+        except BaseException:
+            for future in futures:
+                settle(future, ListenerStopped("the rotation was interrupted"))
+            yield Close(new)
+            raise
+        self._rotation = Rotation(new, token, futures, new_pid)
+
+    def _switch(self, rotation: Rotation) -> Loop:
+        """The old session delivered everything before the marker: hand over."""
+        self._rotation = None
+        old = self._conn
+        self._use(rotation.conn)
+        self._session_pid = rotation.session_pid
+        self._skip_until = rotation.token
+        yield Close(old)
+        self._connected()
+        self._internal.append(
+            Statement(self._statement_for("UNLISTEN", self._marker_channel))
+        )
+        logger.info("rotated to a new connection (backend pid %s)", self.backend_pid)
+        if self._settings.exclusive is not None and self.active:
+            # The lock went with the old session: take it again at once.
+            self._set_active(False)
+            self._internal.append(
+                Statement(self._ping_query(try_lock=True), on_done=self._ping_done)
+            )
+        for future in rotation.futures:
+            settle(future)
 
     def _take_notifications(self, room: int) -> bool:
         """Hand parsed notifications over; ``True`` when they filled ``room``."""
@@ -695,7 +915,7 @@ class Core:
                 batch.append((callbacks, notify))
                 if len(batch) >= room:
                     break
-        if not batch:
+        if not batch or not self.active:
             return False
         self._last_notification_at = time.time()
         _count_into(self._received, map(_channel_of, map(_notify_of, batch)))
@@ -811,17 +1031,22 @@ class Core:
         query = sql.SQL(verb + " {}").format(sql.Identifier(channel))
         return query.as_bytes(self._conn)
 
-    def _run(self, statement: Statement) -> Generator[Wait, int, None]:
-        """Run one statement to its end, waiting for nothing else (connect phase).
+    def _run(
+        self, statement: Statement, pgconn: Any = None
+    ) -> Generator[Wait, int, None]:
+        """Run one statement to its end, waiting for nothing else.
 
-        Its own error is raised; a broken or silent connection raises
-        ``ConnectionLost``; ``stop()`` raises ``Interrupted``.
+        For the set-up of a connection (``pgconn``, the listener's by
+        default), while no notification is delivered from it. Its own error
+        is raised; a broken or silent connection raises ``ConnectionLost``;
+        ``stop()`` raises ``Interrupted``.
         """
-        pgconn = self._pgconn
+        pgconn = pgconn or self._pgconn
         assert pgconn is not None
         timeout = self._settings.ping_timeout
         deadline = time.monotonic() + timeout
-        self._statement = statement
+        if statement.request is not None:
+            self._statement = statement
         try:
             pgconn.send_query(statement.query)
             statement.started = time.perf_counter()
@@ -850,7 +1075,8 @@ class Core:
             raise ConnectionLost() from psycopg.OperationalError(
                 pgconn.get_error_message() or "the connection was closed"
             )
-        self._statement = None
+        if statement.request is not None:
+            self._statement = None
         self._done(statement)
 
     def _done(self, statement: Statement) -> None:
@@ -863,15 +1089,18 @@ class Core:
         elif error is not None:
             raise error
 
-    def _next_statement(self, ping_due: bool) -> Statement | None:
+    def _next_statement(self, now: float, last_activity: float) -> Statement | None:
         if self._internal:
             return self._internal.popleft()
         while self._requests:
             statement = self._next_request()
             if statement is not None:
                 return statement
-        if ping_due:
-            return Statement(PING, on_done=self._ping_done)
+        ping_at = self._next_ping(last_activity)
+        if ping_at is not None and now >= ping_at:
+            self._last_ping_sent = now
+            query = self._ping_query(try_lock=not self.active)
+            return Statement(query, on_done=self._ping_done)
         return None
 
     def _next_request(self) -> Statement | None:
@@ -995,6 +1224,39 @@ class Core:
             error=error,
         )
 
+    def _ping_query(self, try_lock: bool) -> bytes:
+        if not try_lock:
+            return PING
+        # A session-level advisory lock on the listening connection itself:
+        # it dies with the session, so a standby takes over when it does.
+        lock = sql.SQL(", pg_try_advisory_lock(hashtext({}), hashtext({}))").format(
+            sql.Literal(LOCK_NAMESPACE), sql.Literal(self._settings.exclusive)
+        )
+        assert self._conn is not None
+        return PING + lock.as_bytes(self._conn)
+
+    def _check_lock(self, statement: Statement) -> None:
+        took = statement.results[0].nfields > 3 and statement.value(3) == b"t"
+        if took and not self.active:
+            logger.info(
+                "took the exclusive lock %r: this listener runs the callbacks now",
+                self._settings.exclusive,
+            )
+            self._set_active(True)
+            if self._connected_since is not None:
+                self._catch_up_all()  # it did not handle what came before
+
+    def _set_active(self, active: bool) -> None:
+        if active != self.active:
+            self.active = active
+            self._host.call(
+                "listener_active_changed", listener=self._listener, active=active
+            )
+
+    def _catch_up_all(self) -> None:
+        for channel, catch_ups in list(self._catch_ups.items()):
+            self._catch_up(channel, list(catch_ups.values()))
+
     def _ping_done(self, statement: Statement, error: psycopg.Error | None) -> None:
         self._ping_hook(statement, error)
         if error is not None:
@@ -1012,6 +1274,7 @@ class Core:
                 usage * 100,
             )
         self._check_session(statement)
+        self._check_lock(statement)
 
     def _relisten(self) -> None:
         """The session stopped listening to some channel: find which, LISTEN again."""

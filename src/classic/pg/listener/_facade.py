@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from psycopg import Notify
 
@@ -102,6 +102,23 @@ def check_connection(conn: object, expected: type[Any], hint: str) -> Any:
     return conn
 
 
+class ListenerOptions(TypedDict, total=False):
+    """The keyword arguments both listeners take; see ``Listener``."""
+
+    ping_timeout: float
+    max_backlog: int
+    reconnect_delay: float
+    max_reconnect_delay: float
+    max_reconnect_attempts: int | None
+    on_reconnect: Callable[[], object] | None
+    plugins: Iterable[object]
+    autoload_plugins: bool | None
+    blocked_plugins: Iterable[str]
+    name: str | None
+    exclusive: str | None
+    max_connection_age: float | None
+
+
 class ListenerBase:
     """The shared half of both listeners; see ``Listener`` for the parameters."""
 
@@ -122,6 +139,8 @@ class ListenerBase:
         autoload_plugins: bool | None = None,
         blocked_plugins: Iterable[str] = (),
         name: str | None = None,
+        exclusive: str | None = None,
+        max_connection_age: float | None = None,
     ):
         if not callable(connection_factory):
             raise TypeError(
@@ -140,6 +159,20 @@ class ListenerBase:
             )
         if on_reconnect is not None:
             check_callable(on_reconnect, "on_reconnect", allow_async=False)
+        if exclusive is not None:
+            if not isinstance(exclusive, str) or not exclusive:
+                raise ValueError(
+                    f"exclusive must be a non-empty str, got {exclusive!r}"
+                )
+            if not ping_period:
+                raise ValueError(
+                    "exclusive needs a ping_period: standbys try the lock every"
+                    " ping_period, and ping_period=0 would never take over"
+                )
+        if max_connection_age is not None and max_connection_age <= 0:
+            raise ValueError(
+                f"max_connection_age must be None or > 0, got {max_connection_age!r}"
+            )
         Backoff(reconnect_delay, max_reconnect_delay)  # checks the two delays
 
         self.name = name or f"pg-listener-{next(_counter)}"
@@ -152,6 +185,8 @@ class ListenerBase:
             max_reconnect_delay=max_reconnect_delay,
             max_reconnect_attempts=max_reconnect_attempts,
             healthy_after=max(5.0, reconnect_delay),
+            exclusive=exclusive,
+            max_connection_age=max_connection_age,
         )
         self._host = PluginHost(self, self, blocked_plugins)
         self._core = Core(
@@ -266,6 +301,12 @@ class ListenerBase:
         this copies them.
         """
         return self._core.stats(self.name)
+
+    @property
+    def is_active(self) -> bool:
+        """Whether this listener runs callbacks: always, unless ``exclusive``
+        is set and another process holds the lock (a standby)."""
+        return self._core.active
 
     def responsive(self, timeout: float = 1.0) -> bool:
         """Whether the serving loop answers within ``timeout`` seconds.

@@ -11,18 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
 import psycopg
 from psycopg import Notify
+from typing_extensions import Unpack
 
 from . import _waiting
-from ._backoff import Backoff
 from ._dispatch_async import InlineDispatcher, TaskDispatcher
-from ._facade import ListenerBase, check_connection
+from ._facade import ListenerBase, ListenerOptions, check_connection
 from .errors import BufferOverflow
 from .hookspecs import CatchUp
 
@@ -46,7 +46,8 @@ class AsyncListener(ListenerBase):
     :param ping_period: as for ``Listener``, and every keyword argument
         too: ``ping_timeout``, ``max_backlog``, ``reconnect_delay``,
         ``max_reconnect_delay``, ``max_reconnect_attempts``, ``on_reconnect``,
-        ``plugins``, ``autoload_plugins``, ``blocked_plugins``, ``name``.
+        ``plugins``, ``autoload_plugins``, ``blocked_plugins``, ``name``,
+        ``exclusive``, ``max_connection_age``.
 
     Callbacks may be ``async def`` functions, awaited, or plain functions,
     called in the event loop: a plain function holds the whole loop while it
@@ -61,17 +62,7 @@ class AsyncListener(ListenerBase):
         connection_factory: AsyncConnectionFactory,
         max_concurrency: int | None = None,
         ping_period: float = 60,
-        *,
-        ping_timeout: float = 5.0,
-        max_backlog: int = 10_000,
-        reconnect_delay: float = Backoff.INITIAL_DELAY,
-        max_reconnect_delay: float = Backoff.MAX_DELAY,
-        max_reconnect_attempts: int | None = None,
-        on_reconnect: Callable[[], object] | None = None,
-        plugins: Iterable[object] = (),
-        autoload_plugins: bool | None = None,
-        blocked_plugins: Iterable[str] = (),
-        name: str | None = None,
+        **options: Unpack[ListenerOptions],
     ):
         if max_concurrency is not None and (
             not isinstance(max_concurrency, int) or max_concurrency < 0
@@ -88,20 +79,7 @@ class AsyncListener(ListenerBase):
         self._finished = False
         self._task: asyncio.Task[None] | None = None
         self._done: asyncio.Event | None = None
-        super().__init__(
-            connection_factory,
-            ping_period,
-            ping_timeout=ping_timeout,
-            max_backlog=max_backlog,
-            reconnect_delay=reconnect_delay,
-            max_reconnect_delay=max_reconnect_delay,
-            max_reconnect_attempts=max_reconnect_attempts,
-            on_reconnect=on_reconnect,
-            plugins=plugins,
-            autoload_plugins=autoload_plugins,
-            blocked_plugins=blocked_plugins,
-            name=name,
-        )
+        super().__init__(connection_factory, ping_period, **options)
 
     def _make_dispatcher(
         self, wake: Callable[[], None], on_done: Callable[[], Any]
@@ -125,19 +103,22 @@ class AsyncListener(ListenerBase):
         )
         return result
 
-    def _in_loop(self, future: Future[None]) -> asyncio.Future[None]:
-        """The request's future as an asyncio one, resolved in the listener's loop."""
+    def _in_loop(self, make: Callable[[], Future[None]]) -> asyncio.Future[None]:
+        """A request's future as an asyncio one, resolved in the listener's loop.
+
+        The loop is found before the request is made: a call that cannot be
+        answered in a loop changes nothing.
+        """
         loop = self._loop
         if loop is None:
             try:
                 loop = self._loop = asyncio.get_running_loop()
             except RuntimeError:
-                future.cancel()
                 raise RuntimeError(
                     "AsyncListener: call this from the event loop, or from"
                     " another thread once the listener runs in its loop"
                 ) from None
-        return asyncio.wrap_future(future, loop=loop)
+        return asyncio.wrap_future(make(), loop=loop)
 
     def __repr__(self) -> str:
         if self._finished:
@@ -164,17 +145,23 @@ class AsyncListener(ListenerBase):
         not; callable from the loop or from any thread, the future resolving
         in the loop. ``catch_up`` may be a coroutine function too.
         """
-        return self._in_loop(self._request("add", callback, channel, catch_up, decode))
+        return self._in_loop(
+            lambda: self._request("add", callback, channel, catch_up, decode)
+        )
 
     def remove_callback(
         self, callback: Callable[[Notify], object], channel: str
     ) -> asyncio.Future[None]:
         """Stop calling ``callback`` for ``channel``, as ``Listener`` does."""
-        return self._in_loop(self._request("remove", callback, channel))
+        return self._in_loop(lambda: self._request("remove", callback, channel))
 
     def unregister_plugin(self, name: str) -> asyncio.Future[None]:
         """Unregister a plugin and remove its callbacks; as ``Listener``'s."""
-        return self._in_loop(self._host.unregister(name))
+        return self._in_loop(lambda: self._host.unregister(name))
+
+    def rotate(self) -> asyncio.Future[None]:
+        """Replace the connection by a new one, without a gap; see ``Listener``."""
+        return self._in_loop(self._core.rotate)
 
     async def notifications(
         self,

@@ -11,7 +11,10 @@ can stop the listener or the delivery of notifications.
 
 Hooks run in the thread named in their docstring. Those that run in the
 serving thread hold up the reading of notifications while they run: keep them
-short, and hand slow work to a thread of your own.
+short, and hand slow work to a thread of your own. The same plugins serve
+``AsyncListener``: there, "the serving thread" is the event loop's, hooks
+are called in the loop (plain functions, never awaited), and ``listener``
+is the ``AsyncListener``.
 """
 
 from __future__ import annotations
@@ -206,6 +209,23 @@ def listener_catch_up_done(
     :param duration: seconds it ran.
     :param error: ``None`` when it returned, else the exception it raised
         (which the listener has logged already).
+
+    The return value is ignored.
+    """
+
+
+@hookspec
+def listener_active_changed(listener: Listener, active: bool) -> None:
+    """An ``exclusive`` listener took its lock, or lost it.
+
+    Called in the serving thread (the event loop for ``AsyncListener``) when
+    the listener becomes the one that runs the callbacks (its session took
+    the advisory lock), before the catch-ups it then runs, and when it stops
+    being it (its connection was lost, taking the lock with it). Never
+    called for a listener without ``exclusive``, which is always active.
+
+    :param listener: the listener whose role changed.
+    :param active: ``True`` when it runs the callbacks from now on.
 
     The return value is ignored.
     """

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
 import psycopg
 from psycopg import Notify
+from typing_extensions import Unpack
 
 from . import _waiting
-from ._backoff import Backoff
 from ._dispatch import InlineDispatcher, PoolDispatcher
-from ._facade import ListenerBase, check_connection
+from ._facade import ListenerBase, ListenerOptions, check_connection
 from .hookspecs import CatchUp
 
 logger = logging.getLogger("classic.pg.listener")
@@ -108,6 +108,17 @@ class Listener(ListenerBase):
         is set.
     :param blocked_plugins: plugin names never to register.
     :param name: names the serving thread and the pool's threads.
+    :param exclusive: a name: callbacks run only while this listener's
+        session holds a PostgreSQL advisory lock of that name, so that of
+        several processes listening with the same name, on any machines, one
+        runs the callbacks and the others stand by, connected and listening,
+        trying the lock every ``ping_period``. The one that takes it runs
+        every channel's catch-ups first. See ``is_active`` and the
+        ``listener_active_changed`` hook.
+    :param max_connection_age: seconds (less up to 10% of jitter) after
+        which the connection is replaced, without a gap, as ``rotate()``
+        does: for proxies and services that cut connections after a maximum
+        lifetime, credentials that rotate, backends that grow.
     """
 
     def __init__(
@@ -115,17 +126,7 @@ class Listener(ListenerBase):
         connection_factory: ConnectionFactory,
         max_workers: int | None = None,
         ping_period: float = 60,
-        *,
-        ping_timeout: float = 5.0,
-        max_backlog: int = 10_000,
-        reconnect_delay: float = Backoff.INITIAL_DELAY,
-        max_reconnect_delay: float = Backoff.MAX_DELAY,
-        max_reconnect_attempts: int | None = None,
-        on_reconnect: Callable[[], object] | None = None,
-        plugins: Iterable[object] = (),
-        autoload_plugins: bool | None = None,
-        blocked_plugins: Iterable[str] = (),
-        name: str | None = None,
+        **options: Unpack[ListenerOptions],
     ):
         if max_workers is not None and (
             not isinstance(max_workers, int) or max_workers < 0
@@ -137,20 +138,7 @@ class Listener(ListenerBase):
         self._serving: int | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
-        super().__init__(
-            connection_factory,
-            ping_period,
-            ping_timeout=ping_timeout,
-            max_backlog=max_backlog,
-            reconnect_delay=reconnect_delay,
-            max_reconnect_delay=max_reconnect_delay,
-            max_reconnect_attempts=max_reconnect_attempts,
-            on_reconnect=on_reconnect,
-            plugins=plugins,
-            autoload_plugins=autoload_plugins,
-            blocked_plugins=blocked_plugins,
-            name=name,
-        )
+        super().__init__(connection_factory, ping_period, **options)
 
     def _make_dispatcher(
         self, wake: Callable[[], None], on_done: Callable[[], Any]
@@ -242,6 +230,19 @@ class Listener(ListenerBase):
         callbacks are removed, as ``remove_callback``'s do.
         """
         return self._host.unregister(name)
+
+    def rotate(self) -> Future[None]:
+        """Replace the connection by a new one, without a gap.
+
+        A new connection is opened through the factory and listens to every
+        channel; a marker notification then divides the stream between the
+        two sessions, so that no notification is lost or delivered twice,
+        and the old connection is closed. Not a reconnection: no catch-up, no
+        reconnect signal, ``reconnects`` unchanged; ``backend_pid`` changes.
+        The future resolves once the new connection serves; if it could not
+        be opened, the old one goes on and the future raises.
+        """
+        return self._core.rotate()
 
     # -- running ---------------------------------------------------------------
 
