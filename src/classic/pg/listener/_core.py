@@ -719,6 +719,8 @@ class Core:
                     continue
                 if self._requests:
                     continue  # those that needed no statement were answered
+            if awaits:
+                continue  # inline coroutine callbacks of that batch: await them now
             if statement is not None:
                 wake_at: float | None = deadline
             elif rotation is not None:

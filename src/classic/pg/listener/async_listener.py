@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
@@ -22,7 +23,13 @@ from typing_extensions import Unpack
 
 from . import _waiting
 from ._dispatch_async import InlineDispatcher, TaskDispatcher
-from ._facade import ListenerBase, ListenerOptions, check_connection
+from ._facade import (
+    ListenerBase,
+    ListenerOptions,
+    check_callable,
+    check_channel,
+    check_connection,
+)
 from .errors import BufferOverflow
 from .hookspecs import CatchUp
 
@@ -78,6 +85,7 @@ class AsyncListener(ListenerBase):
         self._started = False
         self._finished = False
         self._task: asyncio.Task[None] | None = None
+        self._streams: weakref.WeakSet[Notifications] = weakref.WeakSet()
         self._done: asyncio.Event | None = None
         super().__init__(connection_factory, ping_period, **options)
 
@@ -163,57 +171,39 @@ class AsyncListener(ListenerBase):
         """Replace the connection by a new one, without a gap; see ``Listener``."""
         return self._in_loop(self._core.rotate)
 
-    async def notifications(
+    def notifications(
         self,
         channel: str,
         *,
         max_buffer: int = 1000,
         catch_up: CatchUp | None = None,
-    ) -> AsyncIterator[Notify]:
+    ) -> Notifications:
         """The notifications of ``channel``, as an async iterator.
 
         For a WebSocket or server-sent-events endpoint::
 
-            async for notify in listener.notifications("orders"):
-                await websocket.send_text(notify.payload)
+            async with listener.notifications("orders") as stream:
+                async for notify in stream:
+                    await websocket.send_text(notify.payload)
 
-        Listening starts at the first ``__anext__()``, which returns once
-        the channel is listened to (and with its first notification). Up to
-        ``max_buffer`` notifications wait for a slow consumer; one more and
-        the iterator raises ``BufferOverflow`` once it has yielded those
-        (rather than dropping notifications silently, or holding up every
-        other callback). Leaving the loop removes the callback; to remove
-        it at a known moment, wrap the iterator in
-        ``contextlib.aclosing()``.
+        Arguments are checked at the call. Listening starts at the first
+        ``__anext__()``, which returns once the channel is listened to (and
+        with its first notification). Up to ``max_buffer`` notifications wait
+        for a slow consumer; one more and the iterator raises
+        ``BufferOverflow`` once it has yielded those, rather than drop
+        notifications silently or hold up every other callback. The
+        iterator ends when the listener stops. Leaving it (``break``, an
+        exception, cancellation, or the ``async with`` block) removes its
+        callback.
         """
-        if max_buffer < 1:
-            raise ValueError(f"max_buffer must be >= 1, got {max_buffer!r}")
-        buffer: asyncio.Queue[Notify | None] = asyncio.Queue()
-        overflowed = False
-
-        def put(notify: Notify) -> None:
-            nonlocal overflowed
-            if overflowed:
-                return
-            if buffer.qsize() >= max_buffer:
-                overflowed = True
-                buffer.put_nowait(None)  # where the gap is
-                return
-            buffer.put_nowait(notify)
-
-        await self.add_callback(put, channel, catch_up=catch_up)
-        try:
-            while True:
-                notify = await buffer.get()
-                if notify is None:
-                    raise BufferOverflow(
-                        f"the consumer of channel {channel!r} fell {max_buffer}"
-                        " notifications behind: later ones were not kept"
-                    )
-                yield notify
-        finally:
-            if not self._finished:
-                self.remove_callback(put, channel)
+        check_channel(channel, self._core.server_codec)
+        if not isinstance(max_buffer, int) or max_buffer < 1:
+            raise ValueError(f"max_buffer must be an int >= 1, got {max_buffer!r}")
+        if catch_up is not None:
+            check_callable(catch_up, "catch_up", allow_async=True)
+        stream = Notifications(self, channel, max_buffer, catch_up)
+        self._streams.add(stream)
+        return stream
 
     # -- running ---------------------------------------------------------------
 
@@ -263,6 +253,8 @@ class AsyncListener(ListenerBase):
                 logger.error("listener %s ended", self.name, exc_info=ex)
         finally:
             self._finished = True
+            for stream in list(self._streams):
+                stream._end()
             assert self._done is not None
             self._done.set()
 
@@ -294,3 +286,112 @@ class AsyncListener(ListenerBase):
     ) -> None:
         self.stop()
         await self.join()
+
+
+_END = object()
+_OVERFLOW = object()
+
+
+class Notifications:
+    """An async iterator over one channel's notifications, with a bounded buffer.
+
+    Made by ``AsyncListener.notifications()``. Also an async context manager,
+    and ``aclose()``-able, for a removal at a known moment; a ``break`` out
+    of ``async for`` removes the callback once the iterator is collected.
+    """
+
+    def __init__(
+        self,
+        listener: AsyncListener,
+        channel: str,
+        max_buffer: int,
+        catch_up: CatchUp | None,
+    ) -> None:
+        self._listener = listener
+        self._channel = channel
+        self._max_buffer = max_buffer
+        self._catch_up = catch_up
+        self._buffer: asyncio.Queue[Any] = asyncio.Queue()
+        self._kept = 0
+        self._state = "new"  # then "listening", "overflowed", "closed"
+        # The registered callback holds the iterator weakly: a consumer that
+        # breaks out of its loop drops the iterator, whose __del__ removes it.
+        stream = weakref.ref(self)
+
+        def put(notify: Notify) -> None:
+            if (alive := stream()) is not None:
+                alive._put(notify)
+
+        self._callback = put
+
+    def _put(self, notify: Notify) -> None:
+        if self._state != "listening":
+            return
+        if self._kept >= self._max_buffer:
+            self._state = "overflowed"
+            self._buffer.put_nowait(_OVERFLOW)  # where the gap is
+            return
+        self._kept += 1
+        self._buffer.put_nowait(notify)
+
+    def _end(self) -> None:
+        """The listener stopped: the iterator ends after what it kept."""
+        self._buffer.put_nowait(_END)
+
+    def __aiter__(self) -> Notifications:
+        return self
+
+    async def __anext__(self) -> Notify:
+        if self._state == "closed":
+            raise StopAsyncIteration
+        if self._state == "new":
+            self._state = "listening"
+            try:
+                await self._listener.add_callback(
+                    self._callback, self._channel, catch_up=self._catch_up
+                )
+            except BaseException:
+                # Cancelled, say, while the LISTEN was on its way: it may be
+                # applied all the same, and the removal queued after it.
+                self._close()
+                raise
+        try:
+            item = await self._buffer.get()
+        except BaseException:
+            self._close()
+            raise
+        if item is _END:
+            self._close()
+            raise StopAsyncIteration
+        if item is _OVERFLOW:
+            self._close()
+            raise BufferOverflow(
+                f"the consumer of channel {self._channel!r} fell"
+                f" {self._max_buffer} notifications behind: later ones were not kept"
+            )
+        self._kept -= 1
+        return item  # type: ignore[no-any-return]
+
+    def _close(self) -> None:
+        if self._state in ("new", "closed"):
+            self._state = "closed"
+            return
+        self._state = "closed"
+        listener = self._listener
+        if listener.is_alive():
+            # A concurrent.futures one: nothing to await, nothing to warn about
+            # if nobody looks at it.
+            listener._request("remove", self._callback, self._channel)
+
+    async def aclose(self) -> None:
+        """Remove the callback now."""
+        self._close()
+
+    async def __aenter__(self) -> Notifications:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._close()
+
+    def __del__(self) -> None:
+        self._close()
