@@ -8,7 +8,13 @@ import uuid
 import psycopg
 import pytest
 
-from classic.pg.listener import MAX_PAYLOAD_BYTES, InvalidChannel, anotify, notify
+from classic.pg.listener import (
+    MAX_PAYLOAD_BYTES,
+    AsyncListener,
+    InvalidChannel,
+    anotify,
+    notify,
+)
 from classic.pg.listener.testing import WAIT, Recorder
 
 
@@ -112,3 +118,27 @@ def test_anotify(recorder, dsn, channel):
     asyncio.run(send())
     assert recorder.wait(1)[0].payload == "async"
     assert recorder.payloads == ["async"]
+
+
+def test_anotify_reaches_an_async_listener(dsn, channel):
+    """The async pair: anotify() from an AsyncConnection, an AsyncListener
+    receiving, and a Recorder as its (plain) callback."""
+    got = Recorder()
+
+    async def main() -> None:
+        listener = AsyncListener(
+            lambda: psycopg.AsyncConnection.connect(dsn, autocommit=True),
+            autoload_plugins=False,
+        )
+        async with listener:
+            await asyncio.wait_for(listener.add_callback(got, channel), WAIT)
+            async with await psycopg.AsyncConnection.connect(
+                dsn, autocommit=True
+            ) as aconn:
+                await anotify(aconn, channel, "é" * 3999)
+                await anotify(aconn, channel, "done")
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, got.wait, 2)
+
+    asyncio.run(main())
+    assert got.payloads == ["é" * 3999, "done"]
