@@ -13,4 +13,6 @@ pytest_plugins = [
     "fix_plugins",
     "fix_proxy",
     "fix_server",
+    # After fix_server, whose helpers it imports.
+    "fix_pgbouncer",
 ]

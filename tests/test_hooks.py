@@ -88,6 +88,10 @@ class Recorder:
         self._record("listener_started", listener=listener)
 
     @hookimpl
+    def listener_unregistered(self, listener):
+        self._record("listener_unregistered", listener=listener)
+
+    @hookimpl
     def listener_connected(self, listener, connection):
         self._record("listener_connected", listener=listener, connection=connection)
 
@@ -421,6 +425,25 @@ def test_hook_listener_active_changed(make_listener, channel):
     (taken,) = second.wait("listener_active_changed")
     assert taken.active is True
     assert standby.is_active
+
+
+def test_hook_listener_unregistered(make_listener, conn, channel):
+    recorder, other = Recorder(channel), Recorder()
+    listener = make_listener(max_workers=0, plugins=[other])
+    listener.register_plugin(recorder, "recorder")
+    listener.start()
+    recorder.futures[0].result(WAIT)
+    listener.unregister_plugin("recorder").result(WAIT)
+    (call,) = recorder.of("listener_unregistered")
+    assert call.listener is listener
+    assert call.thread is threading.current_thread()
+    assert not other.of("listener_unregistered"), "only the plugin that leaves"
+    notify(conn, channel, "after")
+    listener.stop()
+    listener.join()
+    assert recorder.calls[-1].hook == "listener_unregistered", "its last hook"
+    assert not recorder.of("listener_stopped")
+    assert other.of("listener_stopped")
 
 
 def test_hook_listener_stopped(make_listener, conn, channel):

@@ -42,6 +42,7 @@ from psycopg import Notify, errors, pq, sql
 from psycopg._encodings import pg2pyenc
 
 from ._backoff import Backoff
+from ._keepalive import configure_keepalive
 from ._stats import ListenerStats
 from ._waiting import CONNECT, READ, WRITE, Await, Close, Loop, Wait
 from .errors import (
@@ -97,6 +98,7 @@ class Settings:
     queue_usage_warning: float = 0.5
     exclusive: str | None = None
     max_connection_age: float | None = None
+    tcp_keepalive: bool = True
 
 
 @dataclass
@@ -279,6 +281,18 @@ def settle(future: Future[Any], error: BaseException | None = None) -> None:
         future.set_exception(error)
 
 
+def public_error(error: BaseException) -> BaseException:
+    """What a future may raise for an error of the loop: never an internal one."""
+    if isinstance(error, ConnectionLost):
+        cause = error.__cause__
+        if isinstance(cause, Exception):
+            return cause
+        return psycopg.OperationalError("the connection was lost")
+    if isinstance(error, Exception):
+        return error
+    return ListenerStopped("the listener stopped first")
+
+
 def python_codec(pg_encoding: str | None) -> str | None:
     """The Python codec of a PostgreSQL encoding name, if Python has one."""
     if not pg_encoding:
@@ -384,9 +398,8 @@ class Core:
         self._accept(self._probes, future, future)
         return future
 
-    def rotate(self) -> Future[None]:
+    def rotate(self, future: Future[None]) -> Future[None]:
         """Ask for a new connection that takes over without a gap."""
-        future: Future[None] = Future()
         self._accept(self._rotations, future, future)
         return future
 
@@ -544,6 +557,10 @@ class Core:
                 statement = self._next_request()
                 if statement is not None:
                     yield from self._run(statement)
+        except UnicodeEncodeError as ex:
+            # A registered channel this connection's client encoding cannot
+            # express: retried, with backoff and a warning, like a refusal.
+            raise ConnectionLost() from ex
         except psycopg.Error as ex:
             # Such as "cannot execute LISTEN during recovery" on a standby:
             # retry, with backoff, until a server accepts them again.
@@ -559,6 +576,7 @@ class Core:
         """Make ``conn`` the listener's connection."""
         self._conn = conn
         self._pgconn = conn.pgconn
+        configure_keepalive(conn.pgconn, self._settings.tcp_keepalive)
         self._encoding = conn.info.encoding
         self.server_codec = python_codec(conn.info.parameter_status("server_encoding"))
         self.backend_pid = conn.info.backend_pid
@@ -622,7 +640,9 @@ class Core:
         self._set_active(self._settings.exclusive is None)  # the lock went with it
         rotation, self._rotation = self._rotation, None
         if rotation is not None:
-            rotation.fail(ConnectionLost("the connection was lost while rotating"))
+            rotation.fail(
+                psycopg.OperationalError("the connection was lost while rotating")
+            )
             yield Close(rotation.conn)
         if conn is not None:
             yield Close(conn)
@@ -827,38 +847,47 @@ class Core:
         token = f"{os.getpid()}-{id(self):x}-{self._markers}"
         marker = self._marker_channel
         new: Any = None
+        old_listens = False  # while the old connection runs a statement
         try:
-            new = self._check_connection((yield CONNECT))
-            new_pid = yield from self._listen_all(new.pgconn, marker)
-            check = Statement(PING)
-            yield from self._run(check, new.pgconn)
-            if int(check.value(0) or 0) != new_pid:
-                raise SessionNotKept(
-                    "the new connection's statements ran in different server"
-                    " sessions: it goes through a pooler in transaction or"
-                    " statement mode"
+            try:
+                new = self._check_connection((yield CONNECT))
+                new_pid = yield from self._listen_all(new.pgconn, marker)
+                check = Statement(PING)
+                yield from self._run(check, new.pgconn)
+                if int(check.value(0) or 0) != new_pid:
+                    raise SessionNotKept(
+                        "the new connection's statements ran in different server"
+                        " sessions: it goes through a pooler in transaction or"
+                        " statement mode"
+                    )
+                # The old session listens to the marker too; if that fails,
+                # it is the old connection's loss (raised on, below).
+                old_listens = True
+                yield from self._run(Statement(self._statement_for("LISTEN", marker)))
+                old_listens = False
+                notify = sql.SQL("NOTIFY {}, {}").format(
+                    sql.Identifier(marker), sql.Literal(token)
                 )
-        except Exception as ex:
-            error = (ex.__cause__ or ex) if isinstance(ex, ConnectionLost) else ex
-            logger.warning("rotation failed, the current connection goes on: %s", error)
+                yield from self._run(Statement(notify.as_bytes(new)), new.pgconn)
+            except Exception as ex:
+                if old_listens:
+                    raise  # the old connection's loss: reconnect
+                error = public_error(ex)
+                logger.warning(
+                    "rotation failed, the current connection goes on: %s", error
+                )
+                for future in futures:
+                    settle(future, error)
+                if new is not None:
+                    yield Close(new)
+                self._connected()  # try again after another age
+                return
+        except BaseException as ex:  # the old connection lost, stop(), Ctrl-C
+            error = public_error(ex)
             for future in futures:
                 settle(future, error)
-            if new is not None:
+            if new is not None and not isinstance(ex, GeneratorExit):
                 yield Close(new)
-            self._connected()  # try again after another age
-            return
-        # The old session listens to the marker too; if it breaks here, that
-        # is the old connection's loss, and the new one goes with it.
-        try:
-            yield from self._run(Statement(self._statement_for("LISTEN", marker)))
-            notify = sql.SQL("NOTIFY {}, {}").format(
-                sql.Identifier(marker), sql.Literal(token)
-            )
-            yield from self._run(Statement(notify.as_bytes(new)), new.pgconn)
-        except BaseException:
-            for future in futures:
-                settle(future, ListenerStopped("the rotation was interrupted"))
-            yield Close(new)
             raise
         self._rotation = Rotation(new, token, futures, new_pid)
 

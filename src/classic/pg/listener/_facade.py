@@ -117,6 +117,7 @@ class ListenerOptions(TypedDict, total=False):
     name: str | None
     exclusive: str | None
     max_connection_age: float | None
+    tcp_keepalive: bool
 
 
 class ListenerBase:
@@ -141,6 +142,7 @@ class ListenerBase:
         name: str | None = None,
         exclusive: str | None = None,
         max_connection_age: float | None = None,
+        tcp_keepalive: bool = True,
     ):
         if not callable(connection_factory):
             raise TypeError(
@@ -187,6 +189,7 @@ class ListenerBase:
             healthy_after=max(5.0, reconnect_delay),
             exclusive=exclusive,
             max_connection_age=max_connection_age,
+            tcp_keepalive=tcp_keepalive,
         )
         self._host = PluginHost(self, self, blocked_plugins)
         self._core = Core(

@@ -54,7 +54,7 @@ class AsyncListener(ListenerBase):
         too: ``ping_timeout``, ``max_backlog``, ``reconnect_delay``,
         ``max_reconnect_delay``, ``max_reconnect_attempts``, ``on_reconnect``,
         ``plugins``, ``autoload_plugins``, ``blocked_plugins``, ``name``,
-        ``exclusive``, ``max_connection_age``.
+        ``exclusive``, ``max_connection_age``, ``tcp_keepalive``.
 
     Callbacks may be ``async def`` functions, awaited, or plain functions,
     called in the event loop: a plain function holds the whole loop while it
@@ -169,7 +169,7 @@ class AsyncListener(ListenerBase):
 
     def rotate(self) -> asyncio.Future[None]:
         """Replace the connection by a new one, without a gap; see ``Listener``."""
-        return self._in_loop(self._core.rotate)
+        return self._in_loop(lambda: self._core.rotate(self._new_future()))
 
     def notifications(
         self,

@@ -232,6 +232,21 @@ def listener_active_changed(listener: Listener, active: bool) -> None:
 
 
 @hookspec
+def listener_unregistered(listener: Listener) -> None:
+    """The plugin is being unregistered from the listener.
+
+    Called for that plugin alone, in the thread calling
+    ``unregister_plugin()``, just before its hooks stop: release what it
+    holds for this listener (an HTTP server, a file), as ``listener_stopped``
+    does when the listener stops. Not called when the listener stops.
+
+    :param listener: the listener the plugin leaves.
+
+    The return value is ignored.
+    """
+
+
+@hookspec
 def listener_stopped(listener: Listener, error: BaseException | None) -> None:
     """The listener stopped serving.
 

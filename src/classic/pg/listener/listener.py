@@ -108,6 +108,10 @@ class Listener(ListenerBase):
         is set.
     :param blocked_plugins: plugin names never to register.
     :param name: names the serving thread and the pool's threads.
+    :param tcp_keepalive: when the DSN sets no keepalive option, turn on TCP
+        keepalives and ``TCP_USER_TIMEOUT`` on the connection's socket, so
+        that a silent server is detected within about a minute even with
+        ``ping_period=0``; ``False`` leaves the socket as libpq made it.
     :param exclusive: a name: callbacks run only while this listener's
         session holds a PostgreSQL advisory lock of that name, so that of
         several processes listening with the same name, on any machines, one
@@ -242,7 +246,7 @@ class Listener(ListenerBase):
         The future resolves once the new connection serves; if it could not
         be opened, the old one goes on and the future raises.
         """
-        return self._core.rotate()
+        return self._core.rotate(self._new_future())
 
     # -- running ---------------------------------------------------------------
 

@@ -173,13 +173,15 @@ def _all_of(futures: list[Future[None]], combined: Future[None]) -> Future[None]
             remaining -= 1
             if remaining:
                 return
+        if not combined.set_running_or_notify_cancel():
+            return  # cancelled by its user
         for future in futures:
-            if (error := future.exception()) is not None:
+            if not future.cancelled() and (error := future.exception()) is not None:
                 combined.set_exception(error)
                 return
         combined.set_result(None)
 
-    if not futures:
+    if not futures and combined.set_running_or_notify_cancel():
         combined.set_result(None)
     for future in futures:
         future.add_done_callback(one_done)
@@ -300,6 +302,7 @@ class PluginHost:
             plugin = self._manager.get_plugin(name)
             if plugin is None:
                 raise PluginError(f"no plugin named {name!r} is registered")
+            self._call_one("listener_unregistered", plugin, listener=self._listener)
             self._manager.unregister(plugin)
             contributed = self._contributed.pop(name, [])
             self._origin.pop(name, None)
