@@ -16,9 +16,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from classic.pg.listener._embedded import LocalServer
+from classic.pg.listener._embedded import LocalServer, free_port
 
 ThrowawayServer = LocalServer
+_free_port = free_port  # fix_pgbouncer's import
 
 
 @pytest.fixture(scope="session")
