@@ -307,8 +307,49 @@ def targets(results: Results, args: argparse.Namespace) -> list[str]:
                     f"{ours / raw:.2f} x raw, {ours / apg:.2f} x asyncpg",
                 )
             )
+    inline = med("drain", "Listener(0)")
+    for kind, floor in (("Listener(pool)", 0.9), ("Listener(ordered)", 0.8)):
+        ours = med("drain", kind)
+        if ours and inline:
+            out.append(
+                check(
+                    f"{kind} throughput >= {floor} x Listener(0)",
+                    ours >= floor * inline,
+                    f"{ours / inline:.2f} x Listener(0)",
+                )
+            )
+    inline50, pool50 = med("p50", "Listener(0)"), med("p50", "Listener(pool)")
+    if inline50 is not None and pool50 is not None:
+        out.append(
+            check(
+                "Listener(pool) p50 <= Listener(0) p50 + 20 us",
+                pool50 - inline50 <= 20,
+                f"{pool50 - inline50:+.0f} us",
+            )
+        )
+    # asyncio services compare with what they would use otherwise: asyncpg.
+    apg50 = med("p50", "asyncpg")
+    for kind in ("AsyncListener(0)", "AsyncListener"):
+        ours = med("drain", kind)
+        if ours and apg:
+            out.append(
+                check(
+                    f"{kind} throughput >= 1.5 x asyncpg",
+                    ours >= 1.5 * apg,
+                    f"{ours / apg:.2f} x asyncpg",
+                )
+            )
+        p50 = med("p50", kind)
+        if p50 is not None and apg50 is not None:
+            out.append(
+                check(
+                    f"{kind} p50 <= asyncpg p50 + 20 us",
+                    p50 - apg50 <= 20,
+                    f"{p50 - apg50:+.0f} us",
+                )
+            )
     raw50 = med("p50", "raw psycopg")
-    for kind in KINDS[2:]:
+    for kind in (k for k in KINDS[2:] if k != "psycopg async"):
         p50 = med("p50", kind)
         if p50 is not None and raw50 is not None:
             added = p50 - raw50

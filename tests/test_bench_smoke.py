@@ -39,3 +39,19 @@ def test_bench_prints_a_table_with_every_receiver(dsn: str) -> None:
         assert receiver in row, table
         assert "n/a" not in row, table
     assert "[FAIL]" in table or "[PASS]" in table
+
+
+def test_scaling_bench_prints_a_row_per_pool_size(dsn: str) -> None:
+    done = subprocess.run(
+        [
+            *(sys.executable, str(RUN.parent / "scaling.py"), "--dsn", dsn),
+            *("--n", "200", "--repeat", "1", "--sleep", "0.0005"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = done.stdout.splitlines()[2:]
+    assert [row.split()[0] for row in rows] == ["0", "1", "4", "16", "32"]

@@ -145,6 +145,7 @@ def test_listen_prints_what_notify_sends(start, dsn, channel):
     listen = start("listen", "--dsn", dsn, channel, other, script=True)
     ready = listen.wait_stderr("listening on")
     assert f"{channel}, {other}" in ready
+    assert session_of(dsn) in ready
 
     for chan, payload in ((channel, "hello world"), (other, "second")):
         sent = run_cli("notify", "--dsn", dsn, chan, payload, script=True)
@@ -230,6 +231,23 @@ def test_database_url_and_libpq_variables(dsn, conn, channel, dead_dsn):
     assert received() == ["via env"]
 
 
+def session_of(dsn: str) -> str:
+    """How the CLI names the session the DSN opens: a mismatch must show (#10)."""
+    given = conninfo_to_dict(dsn)
+    return f"database {given['dbname']}, user {given['user']}, host {given['host']}"
+
+
+def test_notify_verbose_names_the_session(dsn, conn, channel):
+    conn.execute(f'LISTEN "{channel}"')
+    result = run_cli("notify", "-v", "--dsn", dsn, channel, "hi")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"pg-listener: notified {channel} (")
+    assert session_of(dsn) in line
+    assert [n.payload for n in conn.notifies(timeout=WAIT, stop_after=1)] == ["hi"]
+
+
 def test_notify_reports_a_refused_payload(dsn):
     result = run_cli("notify", "--dsn", dsn, "ch", "x" * 9000)
     assert result.returncode == 1
@@ -279,6 +297,54 @@ from classic.pg.listener import hookimpl
 @hookimpl
 def listener_register_callbacks(register):
     raise RuntimeError("no channel for you")
+"""
+
+
+SLOW_PLUGIN = """
+import sys
+import time
+from classic.pg.listener import hookimpl
+
+def slow(notify):
+    # One write per line: the two workers print side by side.
+    sys.stdout.write(f"begin {{notify.payload}}\\n")
+    sys.stdout.flush()
+    time.sleep(3)
+
+@hookimpl
+def listener_register_callbacks(register):
+    register(slow, {channel!r})
+"""
+
+# stderr as BufferedWriter guards it: a write that a signal handler interrupts
+# and re-enters raises "reentrant call". The signal comes in the middle of the
+# main thread's "listening on" line, deterministically.
+REENTRANCY_PLUGIN = """
+import signal
+import sys
+
+
+class Guarded:
+    def __init__(self, stream):
+        self.stream = stream
+        self.busy = False
+
+    def write(self, text):
+        if self.busy:
+            raise RuntimeError("reentrant call inside <stderr>")
+        self.busy = True
+        try:
+            if "listening on" in text:
+                signal.raise_signal(signal.SIGINT)  # its handler runs here
+            return self.stream.write(text)
+        finally:
+            self.busy = False
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+sys.stderr = Guarded(sys.stderr)
 """
 
 
@@ -380,6 +446,51 @@ def test_run_serves_plugins_and_lets_callbacks_finish(
     run.proc.stdin.flush()
     assert run.line() == "end wait"
     assert run.proc.wait(timeout=WAIT) == 0
+
+
+def test_second_ctrl_c_exits_at_once_with_status_130(
+    start, tmp_path, dsn, conn, channel
+):
+    names = write_plugins(tmp_path, channel, slow=SLOW_PLUGIN)
+    run = start("run", "--dsn", dsn, "--workers", "2", env=plugin_env(tmp_path, names))
+    run.wait_stderr("listening on")
+    # Two callbacks of 3 s running, four queued behind them: 6 s of backlog.
+    notify(conn, channel, *(str(i) for i in range(6)))
+    assert [run.line()[:6], run.line()[:6]] == ["begin ", "begin "]
+
+    run.proc.send_signal(signal.SIGINT)
+    run.wait_stderr("SIGINT received, stopping")
+    interrupted = time.monotonic()
+    run.proc.send_signal(signal.SIGINT)
+    assert run.proc.wait(timeout=WAIT) == 130
+    # "About a second" on a loaded machine; waiting for the backlog takes 6 s.
+    assert time.monotonic() - interrupted < 1.5
+    run.wait_stderr("interrupted")
+
+
+def test_signal_handler_does_no_io(start, tmp_path, dsn, channel):
+    # The first SIGINT arrives while the main thread writes to stderr: a
+    # handler that printed would re-enter that write and crash the command.
+    names = write_plugins(tmp_path, channel, guard=REENTRANCY_PLUGIN)
+    run = start("run", "--dsn", dsn, env=plugin_env(tmp_path, names))
+    run.wait_stderr("SIGINT received, stopping")
+    assert run.proc.wait(timeout=WAIT) == 0, run.stderr_seen
+    assert not any("Traceback" in line for line in run.stderr_seen)
+
+
+def test_plugins_listing_creates_no_file(tmp_path, channel):
+    path = tmp_path / "out.jsonl"
+    env = clean_env(
+        CLASSIC_PG_LISTENER_LOAD_PLUGINS="jsonl",
+        CLASSIC_PG_LISTENER_JSONL_CHANNELS=channel,
+        CLASSIC_PG_LISTENER_JSONL_PATH=str(path),
+    )
+    env.pop(AUTOLOAD_OFF, None)
+    result = run_cli("plugins", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert (row["name"], row["channels"]) == ("jsonl", [channel])
+    assert not path.exists()
 
 
 def test_run_blocks_plugins_by_name(start, tmp_path, dsn, channel):

@@ -567,9 +567,20 @@ def test_no_ping_with_ping_period_zero(make_listener, conn, channel):
     listener = make_listener(ping_period=0, plugins=[watcher])
     listener.start()
     listener.add_callback(print, channel).result(WAIT)
-    before = backend_query(conn, listener.backend_pid)
+    pid = listener.backend_pid
+    # The server marks the session idle a moment after its answer arrived.
+    wait_until(
+        lambda: (
+            conn.execute(
+                "SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()
+            == ("idle",)
+        ),
+        "the session to be idle",
+    )
+    before = backend_query(conn, pid)
     assert not watcher.pinged.wait(1.0)
-    assert backend_query(conn, listener.backend_pid) == before
+    assert backend_query(conn, pid) == before
 
 
 def test_ping_defaults_to_a_minute(factory):

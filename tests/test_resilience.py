@@ -589,16 +589,18 @@ def test_concurrent_add_remove_while_notifications_flow(make_listener, dsn, chan
     done = threading.Event()
 
     def sender() -> None:
-        # About 4k/s, which a listener keeps up with even under coverage: a
-        # flood faster than the reader (a local server without fsync sends
-        # one) delays the "final" notifications without bound.
+        # Paced: the server answers each LISTEN only after the notifications
+        # queued before it, so a flood faster than the callbacks (hundreds
+        # per notification here) would hold every change back without bound.
         with psycopg.connect(dsn, autocommit=True) as conn:
-            while not done.wait(0.005):
+            while True:
                 conn.execute(
                     "SELECT pg_notify(c, 'noise') FROM unnest(%s::text[]) c",
                     (channels,),
                 )
                 flowing.set()
+                if done.wait(0.005):
+                    break
 
     def worker(t: int) -> None:
         mine: list[tuple[Callable[[Notify], None], str]] = []

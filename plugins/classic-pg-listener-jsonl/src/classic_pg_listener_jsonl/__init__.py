@@ -47,15 +47,34 @@ class JsonlWriter:
 
     Pool workers call it concurrently; the lock keeps each line in one piece
     and in the order the writes happened.
+
+    The file is opened by ``open()`` (the plugin calls it when the listener
+    starts) or at the first write, never at construction: listing plugins
+    (``pg-listener plugins``) registers them into a listener that never
+    starts, and must leave no file behind. ``close()`` closes it (the plugin
+    calls it at ``listener_unregistered`` and ``listener_stopped``); a
+    notification still in flight after that (``unregister_plugin()`` removes
+    the callback after the hook) is appended with the file opened for that
+    line alone, so that no line is lost and no descriptor stays open.
     """
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else None
+        if self.path is not None and not self.path.parent.is_dir():
+            # Checked now, without creating anything, so that a bad path is
+            # reported at registration (and by ``pg-listener plugins``).
+            raise FileNotFoundError(
+                f"cannot write {self.path}: no directory {self.path.parent}"
+            )
         self._lock = threading.Lock()
         self._file: IO[str] | None = None
-        if self.path is not None:
-            # Opened now, so that a bad path is reported at registration.
-            self._file = self.path.open("a", encoding="utf-8")
+        self._closed = False
+
+    def open(self) -> None:
+        """Open the file now, so that an unwritable one is reported at once."""
+        with self._lock:
+            if self.path is not None and self._file is None and not self._closed:
+                self._file = self.path.open("a", encoding="utf-8")
 
     def __call__(self, notify: Notify) -> None:
         line = json.dumps(
@@ -68,16 +87,26 @@ class JsonlWriter:
             ensure_ascii=False,
         )
         with self._lock:
-            # sys.stdout is looked up per write: it may be replaced meanwhile.
-            stream = self._file or sys.stdout
+            if self.path is None:
+                # sys.stdout is looked up per write: it may be replaced meanwhile.
+                stream: IO[str] = sys.stdout
+            elif self._closed:
+                with self.path.open("a", encoding="utf-8") as once:
+                    once.write(line + "\n")
+                return
+            else:
+                if self._file is None:
+                    self._file = self.path.open("a", encoding="utf-8")
+                stream = self._file
             stream.write(line + "\n")
             stream.flush()
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            self._closed = True
+            file, self._file = self._file, None
+            if file is not None:
+                file.close()
 
     def __repr__(self) -> str:
         return f"<JsonlWriter {self.path or 'stdout'}>"
@@ -93,7 +122,8 @@ class JsonlPlugin:
     def __init__(self, channels: Iterable[str], path: str | Path | None = None):
         self.channels = list(channels)
         self.path = path
-        # One writer per listener, closed when that listener stops.
+        # One writer per listener, closed when that listener stops or the
+        # plugin leaves it.
         self._writers: weakref.WeakKeyDictionary[Any, JsonlWriter] = (
             weakref.WeakKeyDictionary()
         )
@@ -117,7 +147,20 @@ class JsonlPlugin:
             register(writer, channel)
 
     @hookimpl
+    def listener_started(self, listener: Listener) -> None:
+        writer = self._writers.get(listener)
+        if writer is not None:
+            writer.open()
+
+    @hookimpl
+    def listener_unregistered(self, listener: Listener) -> None:
+        self._close(listener)
+
+    @hookimpl
     def listener_stopped(self, listener: Listener) -> None:
+        self._close(listener)
+
+    def _close(self, listener: Listener) -> None:
         writer = self._writers.pop(listener, None)
         if writer is not None:
             writer.close()
@@ -132,6 +175,20 @@ _from_env: weakref.WeakKeyDictionary[Any, JsonlPlugin] = weakref.WeakKeyDictiona
 def listener_register_callbacks(listener: Listener, register: Register) -> None:
     plugin = _from_env[listener] = JsonlPlugin.from_env()
     plugin.listener_register_callbacks(listener, register)
+
+
+@hookimpl
+def listener_started(listener: Listener) -> None:
+    plugin = _from_env.get(listener)
+    if plugin is not None:
+        plugin.listener_started(listener)
+
+
+@hookimpl
+def listener_unregistered(listener: Listener) -> None:
+    plugin = _from_env.pop(listener, None)
+    if plugin is not None:
+        plugin.listener_unregistered(listener)
 
 
 @hookimpl

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from ._facade import check_channel
 from ._notify import MAX_PAYLOAD_BYTES, anotify, notify
 from ._stats import ListenerStats
 from .async_listener import AsyncListener
@@ -39,6 +40,7 @@ __all__ = [
     "ReconnectFailed",
     "SessionNotKept",
     "anotify",
+    "check_channel",
     "hookimpl",
     "hookspec",
     "notify",

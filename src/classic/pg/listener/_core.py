@@ -152,7 +152,7 @@ class Statement:
                     " client encoding %r (that notification is lost): %s",
                     self.query[:60].decode("utf-8", "replace"),
                     encoding,
-                    error,
+                    str(error),
                 )
         return own
 
@@ -345,7 +345,10 @@ class Core:
         self._internal: deque[Statement] = deque()
         self._awaits: deque[Awaitable[Any]] = deque()
         self._probes: list[Future[None]] = []
-        self._lock = threading.Lock()
+        # Reentrant: a Notifications iterator collected while this thread
+        # holds the lock (a garbage collection can start at any allocation)
+        # queues its removal through it.
+        self._lock = threading.RLock()
         self.waker = Waker()
         self._stopping = False
         self._finished = False
@@ -414,10 +417,23 @@ class Core:
 
     @property
     def channels(self) -> dict[str, tuple[Callback, ...]]:
+        """The channels listened to: not one whose LISTEN is still on its way."""
+        pending = self._listen_pending()
         return {
             channel: tuple(registered(entry) for entry in entries)
             for channel, entries in list(self._registry.items())
+            if channel != pending
         }
+
+    def _listen_pending(self) -> str | None:
+        """The new channel of the LISTEN in flight, registered but not yet
+        acknowledged (so that notifications just before the answer reach it)."""
+        statement = self._statement
+        request = statement.request if statement is not None else None
+        if request is None or request.action != "add":
+            return None
+        entries = self._registry.get(request.channel, ())
+        return request.channel if len(entries) == 1 else None
 
     def stats(self, name: str) -> ListenerStats:
         dispatcher = self._dispatcher
@@ -428,7 +444,7 @@ class Core:
             backend_pid=self.backend_pid,
             connected_since=self._connected_since,
             reconnects=self.reconnects,
-            channels=tuple(self._registry),
+            channels=tuple(self.channels),
             received=dict(self._received),
             delivered=dispatcher.delivered(),
             callback_errors=dispatcher.errors(),
@@ -483,7 +499,7 @@ class Core:
                 logger.warning(
                     "connection attempt %d failed (%s); next in %.2f s",
                     failures,
-                    ex.__cause__ or ex,
+                    str(ex.__cause__ or ex),
                     delay,
                 )
                 yield from self._sleep(delay)
@@ -508,7 +524,10 @@ class Core:
                 yield from self._serve_connection()
             except ConnectionLost as ex:
                 error = ex.__cause__ or ex
-                logger.warning("connection lost: %s; reconnecting", error)
+                # Text, not the exception: a handler that keeps records (as
+                # pytest's does) would keep its traceback's frames, and with
+                # them the whole listener, alive.
+                logger.warning("connection lost: %s; reconnecting", str(error))
                 self._abandon_statement(error)
                 yield from self._close()
                 self._host.call(
@@ -874,7 +893,7 @@ class Core:
                     raise  # the old connection's loss: reconnect
                 error = public_error(ex)
                 logger.warning(
-                    "rotation failed, the current connection goes on: %s", error
+                    "rotation failed, the current connection goes on: %s", str(error)
                 )
                 for future in futures:
                     settle(future, error)

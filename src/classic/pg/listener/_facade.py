@@ -208,6 +208,15 @@ class ListenerBase:
         for plugin in plugins:
             self._host.register(plugin)
 
+    def __repr__(self) -> str:
+        if not self._started:
+            state = "initial"
+        elif not self.is_alive():
+            state = "stopped"
+        else:
+            state = "connected" if self.backend_pid else "disconnected"
+        return f"<{type(self).__name__} {self.name} {state}>"
+
     # -- what each listener provides ------------------------------------------------
 
     def _make_dispatcher(
@@ -323,6 +332,11 @@ class ListenerBase:
         except Exception:
             return False
         return True
+
+    _started: bool
+
+    def is_alive(self) -> bool:
+        raise NotImplementedError
 
     def stop(self) -> None:
         """Ask the serving loop to stop; return at once.

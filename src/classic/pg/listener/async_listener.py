@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -19,7 +20,6 @@ from typing import Any
 
 import psycopg
 from psycopg import Notify
-from typing_extensions import Unpack
 
 from . import _waiting
 from ._dispatch_async import InlineDispatcher, TaskDispatcher
@@ -32,6 +32,11 @@ from ._facade import (
 )
 from .errors import BufferOverflow
 from .hookspecs import CatchUp
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # a dependency on 3.10 only
+    from typing_extensions import Unpack
 
 logger = logging.getLogger("classic.pg.listener")
 
@@ -127,15 +132,6 @@ class AsyncListener(ListenerBase):
                     " another thread once the listener runs in its loop"
                 ) from None
         return asyncio.wrap_future(make(), loop=loop)
-
-    def __repr__(self) -> str:
-        if self._finished:
-            state = "stopped"
-        elif self._started:
-            state = "connected" if self.backend_pid else "disconnected"
-        else:
-            state = "initial"
-        return f"<AsyncListener {self.name} {state}>"
 
     # -- callbacks -------------------------------------------------------------
 

@@ -13,6 +13,7 @@ plugin, 2 for a usage error or a connection failure (as psql does).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -66,8 +67,16 @@ connection:
 STOP_HELP = """\
 stopping:
   Ctrl-C (SIGINT) or SIGTERM stops cleanly with exit status 0, letting
-  callbacks already running finish; a second Ctrl-C interrupts at once.
+  callbacks already running finish; a second Ctrl-C interrupts at once, with
+  exit status 130, abandoning the callbacks still running or queued.
 """
+
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, as shells report a command Ctrl-C ended."""
+
+SIGNAL_POLL = 0.05
+"""Seconds between two looks of the main thread at the signal flag: the
+handler only sets it (see ``stop_on_signals``)."""
 
 
 class ConnectionFailed(Exception):
@@ -97,15 +106,39 @@ def connect(dsn: str) -> psycopg.Connection[Any]:
         raise ConnectionFailed(f"cannot connect to PostgreSQL: {one_line(ex)}") from ex
 
 
-def connection_factory(dsn: str) -> Callable[[], psycopg.Connection[Any]]:
-    """Connect once now, so that a bad DSN fails fast, and hand that connection
-    to the listener as its first: later calls (reconnects) open new ones."""
-    first = [connect(dsn)]
+def describe(conn: psycopg.Connection[Any]) -> str:
+    """The session a connection reached: database, user, host and port.
 
-    def factory() -> psycopg.Connection[Any]:
-        return first.pop() if first else connect(dsn)
+    Notifications do not cross databases, and libpq's defaults differ from
+    one shell to the next (the user's name for both role and database):
+    naming the session in the status lines makes a mismatch show.
+    """
+    info = conn.info
+    return (
+        f"database {info.dbname}, user {info.user}, host {info.host}, port {info.port}"
+    )
 
-    return factory
+
+class Connector:
+    """The listener's connection factory.
+
+    Connects once when made, so that a bad DSN fails fast, and hands that
+    connection to the listener as its first: later calls (reconnects) open
+    new ones. ``session`` names the last connection opened (``describe``);
+    it is computed in the thread that connected, before the listener owns
+    the connection.
+    """
+
+    def __init__(self, dsn: str):
+        self._dsn = dsn
+        first = connect(dsn)
+        self.session = describe(first)
+        self._first = [first]
+
+    def __call__(self) -> psycopg.Connection[Any]:
+        conn = self._first.pop() if self._first else connect(self._dsn)
+        self.session = describe(conn)
+        return conn
 
 
 def one_line(error: BaseException) -> str:
@@ -156,18 +189,27 @@ class _Listener(Listener):
         return future
 
 
-@contextmanager
-def stop_on_signals(listener: Listener) -> Iterator[threading.Event]:
-    """SIGINT and SIGTERM stop the listener; a second one acts as usual.
+class Signals:
+    """What the signal handler noted, for the main flow to act on."""
 
-    Yields an event set once a signal asked for the stop.
+    received: signal.Signals | None = None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[Signals]:
+    """Note SIGINT and SIGTERM; a second one acts as usual.
+
+    The handler does no I/O and takes no lock: it runs in the main thread
+    wherever the signal found it, possibly in the middle of a write to
+    stderr (printing there raises "reentrant call") or inside a lock it
+    would need. It sets a flag, which the main flow reports and acts on
+    (``serve``), and restores the default handlers, so that a second
+    SIGINT raises ``KeyboardInterrupt`` and a second SIGTERM kills.
     """
-    stopping = threading.Event()
+    signals = Signals()
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        status(f"{signal.Signals(signum).name} received, stopping")
-        stopping.set()
-        listener.stop()
+        signals.received = signal.Signals(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -176,7 +218,7 @@ def stop_on_signals(listener: Listener) -> Iterator[threading.Event]:
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        yield stopping
+        yield signals
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
@@ -185,13 +227,27 @@ def stop_on_signals(listener: Listener) -> Iterator[threading.Event]:
 def serve(listener: _Listener, ready: Callable[[], str]) -> int:
     """Start, say ``ready()`` once every channel is listened to, wait for the end.
 
-    The main thread only waits (on futures, then on ``join()``): signal
-    handlers run in it between waits, and ``stop()`` lets the callbacks
-    already handed over finish before ``join()`` returns.
+    The main thread only waits (on futures, then on ``join()``), in short
+    slices: between two it looks whether a signal came, and if so reports
+    it and stops the listener. ``stop()`` lets the callbacks already handed
+    over finish before ``join()`` returns.
     """
-    with stop_on_signals(listener) as stopping:
+    with stop_on_signals() as signals:
+        stopping = False
+
+        def wait(done: Callable[[float], bool]) -> None:
+            nonlocal stopping
+            while True:
+                finished = done(SIGNAL_POLL)
+                if signals.received is not None and not stopping:
+                    stopping = True
+                    status(f"{signals.received.name} received, stopping")
+                    listener.stop()
+                if finished:
+                    return
+
         listener.start()
-        wait_futures(listener.requested)
+        wait(lambda timeout: not wait_futures(listener.requested, timeout).not_done)
         failed = 0
         for future in listener.requested:
             error = future.exception()
@@ -200,25 +256,48 @@ def serve(listener: _Listener, ready: Callable[[], str]) -> int:
                 status(f"error: {one_line(error)}")
         if failed and failed == len(listener.requested):
             listener.stop()
-        elif not stopping.is_set() and listener.is_alive():
+        elif not stopping and listener.is_alive():
             status(ready())
-        listener.join()
+
+        def joined(timeout: float) -> bool:
+            listener.join(timeout)
+            return not listener.is_alive()
+
+        wait(joined)
     if listener.exception is not None:
         status(f"error: {one_line(listener.exception)}")
         return EXIT_ERROR
     return EXIT_ERROR if failed else EXIT_OK
 
 
-def pid(listener: Listener) -> str:
+def where(connector: Connector, listener: Listener) -> str:
+    """`` (database ..., user ..., host ..., port ..., backend pid ...)``."""
     backend_pid = listener.backend_pid
-    return f" (backend pid {backend_pid})" if backend_pid else ""
+    pid = f", backend pid {backend_pid}" if backend_pid else ""
+    return f" ({connector.session}{pid})"
+
+
+def exit_now(code: int) -> int:
+    """Exit at once, threads still running or not: a second Ctrl-C.
+
+    Interpreter exit would first join the pool's worker threads, which run
+    every callback already queued (seconds, with slow callbacks): flush what
+    was printed, then leave with ``os._exit``. Without other threads, a plain
+    return does the same.
+    """
+    if threading.active_count() == 1:
+        return code
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 # -- commands ----------------------------------------------------------------------
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
-    factory = connection_factory(resolve_dsn(args.dsn))
+    factory = Connector(resolve_dsn(args.dsn))
     as_json: bool = args.json
     listener = _Listener(
         factory, max_workers=0, ping_period=args.ping_period, autoload_plugins=False
@@ -233,13 +312,15 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
     for channel in dict.fromkeys(args.channels):
         listener.add_callback(show, channel)
-    return serve(
-        listener, lambda: f"listening on {', '.join(listener.channels)}{pid(listener)}"
-    )
+
+    def ready() -> str:
+        return f"listening on {', '.join(listener.channels)}{where(factory, listener)}"
+
+    return serve(listener, ready)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    factory = connection_factory(resolve_dsn(args.dsn))
+    factory = Connector(resolve_dsn(args.dsn))
     try:
         listener = _Listener(
             factory,
@@ -256,7 +337,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def ready() -> str:
         names = ", ".join(info.name for info in listener.plugins) or "none"
         channels = ", ".join(listener.channels) or "no channel"
-        return f"listening on {channels}{pid(listener)}; plugins: {names}"
+        return f"listening on {channels}{where(factory, listener)}; plugins: {names}"
 
     return serve(listener, ready)
 
@@ -268,6 +349,8 @@ def cmd_notify(args: argparse.Namespace) -> int:
         except psycopg.Error as ex:
             status(f"error: {one_line(ex)}")
             return EXIT_ERROR
+        if args.verbose:
+            status(f"notified {args.channel} ({describe(conn)})")
     return EXIT_OK
 
 
@@ -509,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONNECTION
     except KeyboardInterrupt:
         status("interrupted")
-        return 130
+        return exit_now(EXIT_INTERRUPTED)
     if sys.stdout.closed:
         return result
     try:

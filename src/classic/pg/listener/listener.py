@@ -8,6 +8,7 @@ thread of its own (``start()``), like ``threading.Thread``.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -16,12 +17,17 @@ from typing import Any
 
 import psycopg
 from psycopg import Notify
-from typing_extensions import Unpack
 
 from . import _waiting
 from ._dispatch import InlineDispatcher, PoolDispatcher
 from ._facade import ListenerBase, ListenerOptions, check_connection
+from ._sequencing import OrderBy, key_function
 from .hookspecs import CatchUp
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # a dependency on 3.10 only
+    from typing_extensions import Unpack
 
 logger = logging.getLogger("classic.pg.listener")
 
@@ -83,9 +89,10 @@ class Listener(ListenerBase):
     :param connection_factory: called without arguments, in the serving
         thread, for every (re)connection; must return a
         ``psycopg.Connection`` opened with ``autocommit=True``.
-    :param max_workers: size of the pool running the callbacks (``None``:
-        ``ThreadPoolExecutor``'s default); ``0`` runs them inline, in the
-        serving thread.
+    :param max_workers: how many pool threads may run callbacks (``None``:
+        ``min(32, os.cpu_count() + 4)``, as ``ThreadPoolExecutor``); threads
+        start as work comes; ``0`` runs callbacks inline, in the serving
+        thread.
     :param ping_period: seconds without notifications after which the
         connection is checked with a cheap query; ``0`` never checks.
     :param ping_timeout: seconds of silence from the server, while it owes
@@ -108,6 +115,12 @@ class Listener(ListenerBase):
         is set.
     :param blocked_plugins: plugin names never to register.
     :param name: names the serving thread and the pool's threads.
+    :param order_by: the pool's order: ``None``, any order; ``"channel"``,
+        in order per channel; a callable ``key(notify) -> Hashable``, in
+        order per key: for two notifications of one key, every callback of
+        the first has returned before any of the second starts. Different
+        keys run side by side. Inline (``max_workers=0``) everything is in
+        order anyway.
     :param tcp_keepalive: when the DSN sets no keepalive option, turn on TCP
         keepalives and ``TCP_USER_TIMEOUT`` on the connection's socket, so
         that a silent server is detected within about a minute even with
@@ -130,6 +143,8 @@ class Listener(ListenerBase):
         connection_factory: ConnectionFactory,
         max_workers: int | None = None,
         ping_period: float = 60,
+        *,
+        order_by: OrderBy = None,
         **options: Unpack[ListenerOptions],
     ):
         if max_workers is not None and (
@@ -137,6 +152,8 @@ class Listener(ListenerBase):
         ):
             raise ValueError(f"max_workers must be None or >= 0, got {max_workers!r}")
         self._max_workers = max_workers
+        key_function(order_by)  # checks order_by
+        self._order_by = order_by
         self._lock = threading.Lock()
         self._started = False
         self._serving: int | None = None
@@ -155,6 +172,7 @@ class Listener(ListenerBase):
             on_done,
             wake,
             thread_name_prefix=f"{self.name}-callback",
+            order_by=self._order_by,
         )
 
     def _check_connection(self, conn: object) -> psycopg.Connection[Any]:
@@ -168,15 +186,6 @@ class Listener(ListenerBase):
 
     def _new_future(self) -> Future[None]:
         return _RequestFuture(self)
-
-    def __repr__(self) -> str:
-        if self._done.is_set():
-            state = "stopped"
-        elif self._started:
-            state = "connected" if self.backend_pid else "disconnected"
-        else:
-            state = "initial"
-        return f"<Listener {self.name} {state}>"
 
     # -- callbacks -------------------------------------------------------------
 
@@ -293,7 +302,15 @@ class Listener(ListenerBase):
         """
         if not self._started:
             raise RuntimeError("cannot join a listener that was not started")
-        self._done.wait(timeout)
+        thread = self._thread
+        # The thread itself ends a moment after it is done: wait for it too,
+        # so that no thread of the listener outlives join().
+        if (
+            self._done.wait(timeout)
+            and thread is not None
+            and thread is not threading.current_thread()
+        ):
+            thread.join(timeout)
 
     def is_alive(self) -> bool:
         """Whether the listener was started and has not finished stopping."""
