@@ -31,6 +31,9 @@ KINDS = (
     "Listener(0)",
     "Listener(pool)",
     "Listener(ordered)",
+    "psycopg async",
+    "AsyncListener(0)",
+    "AsyncListener",
 )
 """The receivers, in the order of the table; the first is the yardstick."""
 
@@ -242,6 +245,87 @@ class Ours:
         return time.perf_counter() - started
 
 
+class _LoopThread:
+    """An event loop in a thread of its own, as an asyncio service runs one."""
+
+    def _start_loop(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="bench-loop", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(30)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+
+class PsycopgAsync(_LoopThread):
+    """(f) The loop an asyncio user writes: ``AsyncConnection.notifies()``."""
+
+    def start(self, dsn: str, channel: str, callback: Callback, n: int) -> None:
+        self._start_loop()
+        self._task = self._run(self._listen(dsn, channel, callback, n))
+
+    async def _listen(
+        self, dsn: str, channel: str, callback: Callback, n: int
+    ) -> asyncio.Task[None]:
+        self._conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        await self._conn.execute(f'LISTEN "{channel}"')
+
+        async def loop() -> None:
+            async for notify in self._conn.notifies(stop_after=n):
+                callback(notify)
+
+        return asyncio.get_running_loop().create_task(loop())
+
+    def stop(self, finished: bool) -> float | None:
+        if finished:
+            self._run(self._close())
+            self._stop_loop()
+        return None
+
+    async def _close(self) -> None:
+        await self._task
+        await self._conn.close()
+
+
+class AsyncOurs(_LoopThread):
+    """(g), (h) This library's ``AsyncListener``: awaited in order, or in tasks."""
+
+    def __init__(self, max_concurrency: int | None):
+        self._max_concurrency = max_concurrency
+
+    def start(self, dsn: str, channel: str, callback: Callback, n: int) -> None:
+        self._start_loop()
+        self._run(self._listen(dsn, channel, callback))
+
+    async def _listen(self, dsn: str, channel: str, callback: Callback) -> None:
+        from classic.pg.listener import AsyncListener
+
+        self._listener = AsyncListener(
+            lambda: psycopg.AsyncConnection.connect(dsn, autocommit=True),
+            max_concurrency=self._max_concurrency,
+            autoload_plugins=False,
+        )
+        self._listener.start()
+        await self._listener.add_callback(callback, channel)
+
+    def stop(self, finished: bool) -> float | None:
+        started = time.perf_counter()
+        self._run(self._stop())
+        elapsed = time.perf_counter() - started
+        self._stop_loop()
+        return elapsed
+
+    async def _stop(self) -> None:
+        self._listener.stop()
+        await self._listener.join()
+
+
 def make_receiver(kind: str) -> Receiver:
     if kind == "raw psycopg":
         return RawPsycopg()
@@ -253,6 +337,12 @@ def make_receiver(kind: str) -> Receiver:
         return Ours(None)
     if kind == "Listener(ordered)":
         return Ours(None, order_by="channel")
+    if kind == "psycopg async":
+        return PsycopgAsync()
+    if kind == "AsyncListener(0)":
+        return AsyncOurs(0)
+    if kind == "AsyncListener":
+        return AsyncOurs(None)
     raise ValueError(f"unknown receiver {kind!r}")
 
 

@@ -327,8 +327,29 @@ def targets(results: Results, args: argparse.Namespace) -> list[str]:
                 f"{pool50 - inline50:+.0f} us",
             )
         )
+    # asyncio services compare with what they would use otherwise: asyncpg.
+    apg50 = med("p50", "asyncpg")
+    for kind in ("AsyncListener(0)", "AsyncListener"):
+        ours = med("drain", kind)
+        if ours and apg:
+            out.append(
+                check(
+                    f"{kind} throughput >= 1.5 x asyncpg",
+                    ours >= 1.5 * apg,
+                    f"{ours / apg:.2f} x asyncpg",
+                )
+            )
+        p50 = med("p50", kind)
+        if p50 is not None and apg50 is not None:
+            out.append(
+                check(
+                    f"{kind} p50 <= asyncpg p50 + 20 us",
+                    p50 - apg50 <= 20,
+                    f"{p50 - apg50:+.0f} us",
+                )
+            )
     raw50 = med("p50", "raw psycopg")
-    for kind in KINDS[2:]:
+    for kind in (k for k in KINDS[2:] if k != "psycopg async"):
         p50 = med("p50", kind)
         if p50 is not None and raw50 is not None:
             added = p50 - raw50

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from ._facade import check_channel
+from ._notify import MAX_PAYLOAD_BYTES, anotify, notify
 from ._stats import ListenerStats
 from .async_listener import AsyncListener
 from .errors import (
@@ -24,6 +25,7 @@ from .listener import Listener
 from .plugins import PluginInfo
 
 __all__ = [
+    "MAX_PAYLOAD_BYTES",
     "AsyncListener",
     "BufferOverflow",
     "CallbackNotRegistered",
@@ -37,7 +39,9 @@ __all__ = [
     "PluginInfo",
     "ReconnectFailed",
     "SessionNotKept",
+    "anotify",
     "check_channel",
     "hookimpl",
     "hookspec",
+    "notify",
 ]

