@@ -134,17 +134,17 @@ async def _deliver(
     first: Awaitable[None],
     counts: Counts,
     on_done: CallbackDone | None,
-    skip: int,
 ) -> None:
-    """The rest of a batch, once a callback returned an awaitable."""
+    """The rest of a batch, once a delivery's callbacks must be awaited.
+
+    ``first`` finishes the delivery at ``start``, its later callbacks included.
+    """
     await first
-    for index in range(start, len(batch)):
-        callbacks, notify = batch[index]
-        for callback in callbacks[skip:]:
-            pending = _run_one(callback, notify, counts, on_done)
-            if pending is not None:
-                await pending
-        skip = 0
+    counts._delivered[batch[start][1][0]] += 1
+    for callbacks, notify in batch[start + 1 :]:
+        pending = _call(callbacks, notify, counts, on_done)
+        if pending is not None:
+            await pending
         counts._delivered[notify[0]] += 1
 
 
@@ -152,30 +152,12 @@ def deliver(
     batch: Sequence[Delivery], counts: Counts, on_done: CallbackDone | None
 ) -> Awaitable[None] | None:
     """Run a batch in order; an awaitable for the rest once one must be awaited."""
-    index = 0
-    for callbacks, notify in batch:
-        position = 0
-        for callback in callbacks:
-            position += 1
-            if on_done is None:
-                try:
-                    result = callback(notify)
-                except Exception:
-                    counts._errors[notify[0]] += 1
-                    _log_failure(callback, notify)
-                    continue
-                if result is None or not inspect.isawaitable(result):
-                    continue
-                pending: Awaitable[None] | None = _await_callback(
-                    result, notify, callback, counts, None, 0.0
-                )
-            else:
-                pending = _run_one(callback, notify, counts, on_done)
-            if pending is not None:
-                # Count what ran to completion; the rest is counted as it ends.
-                _count_into(counts._delivered, _channels(batch[:index]))
-                return _deliver(batch, index, pending, counts, on_done, position)
-        index += 1
+    for index, (callbacks, notify) in enumerate(batch):
+        pending = _call(callbacks, notify, counts, on_done)
+        if pending is not None:
+            # Count what ran to completion; the rest is counted as it ends.
+            _count_into(counts._delivered, _channels(batch[:index]))
+            return _deliver(batch, index, pending, counts, on_done)
     _count_into(counts._delivered, _channels(batch))
     return None
 

@@ -99,7 +99,7 @@ def print_checks(checks: Sequence[Check], file: IO[str] | None = None) -> None:
     """One line per check: status, name, finding, advice."""
     out = file if file is not None else sys.stdout
     for check in checks:
-        print(check, file=out)
+        out.write(f"{check}\n")
 
 
 def add_command(
