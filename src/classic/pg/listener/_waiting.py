@@ -124,63 +124,120 @@ async def run_async(
     ``on_cancel`` runs when the task is cancelled, before the cancellation
     goes into the loop: the callbacks still to run are cancelled with it.
     """
-    event_loop = asyncio.get_running_loop()
+    watch = _Watch(asyncio.get_running_loop(), waker_fileno)
     answer: Any = None
     error: BaseException | None = None
-    while True:
-        try:
-            effect = loop.send(answer) if error is None else loop.throw(error)
-        except StopIteration:
-            return
-        answer = error = None
-        try:
-            if type(effect) is Wait:
-                answer = await _wait(event_loop, effect, waker_fileno)
-            elif type(effect) is Await:
-                answer = await effect.awaitable
-            elif type(effect) is Close:
-                await effect.connection.close()
-            else:
-                answer = factory()
-                if inspect.isawaitable(answer):
-                    answer = await answer
-        except asyncio.CancelledError as ex:
-            on_cancel()
-            error = ex
-        except BaseException as ex:
-            error = ex
-
-
-async def _wait(
-    event_loop: asyncio.AbstractEventLoop, effect: Wait, waker_fileno: int
-) -> int:
-    ready: asyncio.Future[int] = event_loop.create_future()
-
-    def wake(events: int) -> None:
-        if not ready.done():
-            ready.set_result(events)
-
-    # Readers are added for one wait and removed after it: a reader left on a
-    # socket that stays readable would spin the event loop while the serving
-    # task awaits something else (an inline coroutine callback, say).
-    fileno, events = effect.fileno, effect.events
-    event_loop.add_reader(waker_fileno, wake, 0)
-    if fileno >= 0:
-        if events & READ:
-            event_loop.add_reader(fileno, wake, READ)
-        if events & WRITE:
-            event_loop.add_writer(fileno, wake, WRITE)
-    timer = None
-    if effect.deadline is not None:
-        timer = event_loop.call_later(effect.deadline - time.monotonic(), wake, 0)
     try:
-        return await ready
+        while True:
+            try:
+                effect = loop.send(answer) if error is None else loop.throw(error)
+            except StopIteration:
+                return
+            answer = error = None
+            try:
+                if type(effect) is Wait:
+                    answer = await watch.wait(effect)
+                    continue
+                # Nothing may stay watched while the loop awaits something
+                # else: a socket or pipe that stays readable would spin the
+                # event loop meanwhile.
+                watch.unwatch()
+                if type(effect) is Await:
+                    answer = await effect.awaitable
+                elif type(effect) is Close:
+                    await effect.connection.close()
+                else:
+                    answer = factory()
+                    if inspect.isawaitable(answer):
+                        answer = await answer
+            except asyncio.CancelledError as ex:
+                on_cancel()
+                error = ex
+            except BaseException as ex:
+                error = ex
     finally:
-        event_loop.remove_reader(waker_fileno)
-        if fileno >= 0:
-            if events & READ:
-                event_loop.remove_reader(fileno)
-            if events & WRITE:
-                event_loop.remove_writer(fileno)
-        if timer is not None:
-            timer.cancel()
+        watch.unwatch()
+
+
+class _Watch:
+    """The readers and the timer of consecutive waits, kept from one to the next.
+
+    A wait after a wait on the same socket (the common case: a read, a
+    batch, the next wait) adds and removes nothing; a deadline later than
+    the armed timer keeps the timer, whose early firing is a harmless
+    spurious wake-up. That spares each wake-up four epoll_ctl calls and a
+    timer, which is most of what it costs the event loop.
+    """
+
+    def __init__(self, event_loop: asyncio.AbstractEventLoop, waker_fileno: int):
+        self._loop = event_loop
+        self._waker = waker_fileno
+        self._fileno = -2  # nothing watched
+        self._events = 0
+        self._waiter: asyncio.Future[int] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _ready(self, events: int) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(events)
+
+    async def wait(self, effect: Wait) -> int:
+        event_loop = self._loop
+        fileno, events = effect.fileno, effect.events
+        if fileno != self._fileno or events != self._events:
+            self.unwatch()
+            event_loop.add_reader(self._waker, self._ready, 0)
+            if fileno >= 0:
+                if events & READ:
+                    event_loop.add_reader(fileno, self._ready, READ)
+                if events & WRITE:
+                    event_loop.add_writer(fileno, self._ready, WRITE)
+            self._fileno, self._events = fileno, events
+        deadline = effect.deadline
+        timer = self._timer
+        if deadline is None:
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
+        elif (
+            timer is None
+            or timer.cancelled()
+            or timer.when() > _loop_time(event_loop, deadline)
+        ):
+            if timer is not None:
+                timer.cancel()
+            self._timer = event_loop.call_at(
+                _loop_time(event_loop, deadline), self._timer_fired
+            )
+        waiter: asyncio.Future[int] = event_loop.create_future()
+        self._waiter = waiter
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._ready(0)
+
+    def unwatch(self) -> None:
+        """Remove the readers and the timer."""
+        if self._fileno == -2:
+            return
+        event_loop = self._loop
+        event_loop.remove_reader(self._waker)
+        if self._fileno >= 0:
+            if self._events & READ:
+                event_loop.remove_reader(self._fileno)
+            if self._events & WRITE:
+                event_loop.remove_writer(self._fileno)
+        self._fileno, self._events = -2, 0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _loop_time(event_loop: asyncio.AbstractEventLoop, deadline: float) -> float:
+    """A ``time.monotonic()`` deadline on the event loop's clock."""
+    return event_loop.time() + (deadline - time.monotonic())
