@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="threads running the callbacks; 0 runs them in the serving thread"
-        " (default: the ThreadPoolExecutor's default)",
+        " (default: min(32, CPUs + 4))",
     )
     run.add_argument(
         "--no-autoload",
