@@ -13,7 +13,6 @@ import concurrent.futures
 import fcntl
 import logging
 import os
-import queue
 import signal
 import socket
 import subprocess
@@ -35,22 +34,7 @@ from classic.pg.listener import InvalidChannel, Listener, ListenerStopped, hooki
 from classic.pg.listener.testing import WAIT, HookWaiter, notify, wait_until
 from fix_proxy import Proxy
 from fix_server import ThrowawayServer
-
-
-class Inbox:
-    """A callback that queues what it receives, for the test thread to wait on."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue[Notify] = queue.Queue()
-
-    def __call__(self, notify: Notify) -> None:
-        self.queue.put(notify)
-
-    def get(self) -> Notify:
-        return self.queue.get(timeout=WAIT)
-
-    def payloads(self, count: int) -> list[str]:
-        return [self.get().payload for _ in range(count)]
+from test_resilience import Inbox
 
 
 class Connected:
