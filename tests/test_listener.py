@@ -95,6 +95,47 @@ def test_several_callbacks_on_one_channel_each_called_once(
     assert sorted(first.payloads) == sorted(second.payloads) == ["a", "b"]
 
 
+def test_callbacks_changed_on_a_busy_channel_apply_after_their_future(
+    make_listener, conn, channel
+):
+    listener = make_listener(max_workers=0)  # inline: one order for both
+    first, second = Recorder(), Recorder()
+    listening = listener.add_callback(first, channel)
+    listener.start()
+    listening.result(WAIT)
+    notify(conn, channel, "first only")
+    first.wait()
+    listener.add_callback(second, channel).result(WAIT)
+    notify(conn, channel, "both")
+    wait_until(lambda: len(second.calls) == 1, "the added callback's first call")
+    listener.remove_callback(first, channel).result(WAIT)
+    notify(conn, channel, "second only")
+    wait_until(lambda: len(second.calls) == 2, "the remaining callback's call")
+    assert first.payloads == ["first only", "both"]
+    assert second.payloads == ["both", "second only"]
+
+
+def test_channels_interleaved_in_one_transaction_keep_commit_order(
+    make_listener, conn, channel
+):
+    listener = make_listener(max_workers=0)
+    got = Recorder(400)
+    channels = [channel + suffix for suffix in "abc"]
+    futures = [listener.add_callback(got, name) for name in channels[:2]]
+    listener.start()
+    for future in futures:
+        future.result(WAIT)
+    sent = [(channels[i % 3], str(i)) for i in range(600)]
+    conn.execute(
+        "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS t(c, p)",
+        ([c for c, _ in sent], [p for _, p in sent]),
+    )
+    got.wait()
+    assert [(n.channel, n.payload) for n, _ in got.calls] == [
+        (c, p) for c, p in sent if c != channels[2]
+    ]
+
+
 def test_one_callback_on_several_channels(make_listener, conn, channel):
     listener = make_listener(max_workers=0)
     got = Recorder(2)

@@ -34,7 +34,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from operator import itemgetter
+from itertools import islice
 from typing import Any, Literal
 
 import psycopg
@@ -43,7 +43,9 @@ from psycopg._encodings import pg2pyenc
 
 from ._backoff import Backoff
 from ._keepalive import configure_keepalive
-from ._stats import ListenerStats
+from ._reading import Reader
+from ._sequencing import Delivery
+from ._stats import ListenerStats, count_channels
 from ._waiting import CONNECT, READ, WRITE, Await, Close, Loop, Wait
 from .errors import (
     CallbackNotRegistered,
@@ -61,13 +63,7 @@ MAX_CHANNEL_BYTES = 63
 """PostgreSQL truncates longer identifiers (NAMEDATALEN - 1), so a longer
 channel would be listened to under another name and never match."""
 
-Delivery = tuple[tuple[Callback, ...], Notify]
-"""A notification with the callbacks registered for its channel when it came."""
-
 _tuple_new = tuple.__new__
-_count_into = Counter.update
-_notify_of = itemgetter(1)
-_channel_of = itemgetter(0)
 _FATAL = pq.ExecStatus.FATAL_ERROR
 _OK = pq.ConnStatus.OK
 
@@ -353,6 +349,7 @@ class Core:
         self._stopping = False
         self._finished = False
         self._registry: dict[str, tuple[Callback, ...]] = {}
+        self._reader = Reader(self._registry)
         self._catch_ups: dict[str, dict[Callback, CatchUp]] = {}
         self._held: dict[str, list[Delivery]] = {}
         self._conn: Any = None
@@ -597,6 +594,7 @@ class Core:
         self._pgconn = conn.pgconn
         configure_keepalive(conn.pgconn, self._settings.tcp_keepalive)
         self._encoding = conn.info.encoding
+        self._reader.use_encoding(self._encoding)
         self.server_codec = python_codec(conn.info.parameter_status("server_encoding"))
         self.backend_pid = conn.info.backend_pid
 
@@ -818,42 +816,23 @@ class Core:
         else:
             assert self._skip_until is not None
             token = self._skip_until.encode()
-        while True:
-            pgnotify = pgconn.notifies()
-            if pgnotify is None:
-                return False
-            if pgnotify.relname == marker and pgnotify.extra == token:
+        before = []
+        for pgnotify in iter(pgconn.notifies, None):
+            if pgnotify[0] == marker and pgnotify[2] == token:
                 break
+            before.append(pgnotify)
+        else:
             if rotation is not None:
-                self._deliver_one(pgnotify)
-            # else: the new session's copy of what the old one delivered
+                self._hand_over(before)
+            return False
         if rotation is not None:
+            self._hand_over(before)
             rotation.drained = True
             return True  # switch at once
+        # else: what came before was the new session's copy of what the old
+        # one delivered
         self._skip_until = None
         return self._take_notifications(room)
-
-    def _deliver_one(self, pgnotify: Any) -> None:
-        """A notification read during a rotation: rare enough to pay a batch each."""
-        encoding = self._encoding
-        channel = pgnotify.relname.decode(encoding, "surrogateescape")
-        callbacks = self._registry.get(channel)
-        notify: Notify = _tuple_new(
-            Notify,
-            (
-                channel,
-                pgnotify.extra.decode(encoding, "surrogateescape"),
-                pgnotify.be_pid,
-            ),
-        )
-        if (on_notification := self._host.caller("listener_notification")) is not None:
-            on_notification(listener=self._listener, notify=notify)
-        if callbacks and self.active:
-            self._received[channel] += 1
-            self._last_notification_at = time.time()
-            pending = self._dispatcher.dispatch([(callbacks, notify)])
-            if pending is not None:
-                self._awaits.append(pending)
 
     # -- rotation ------------------------------------------------------------------
 
@@ -936,46 +915,27 @@ class Core:
         """Hand parsed notifications over; ``True`` when they filled ``room``."""
         pgconn = self._pgconn
         assert pgconn is not None
-        encoding = self._encoding
-        registry = self._registry
+        pgnotifies = list(islice(iter(pgconn.notifies, None), room))
+        self._hand_over(pgnotifies)
+        return len(pgnotifies) >= room
+
+    def _hand_over(self, pgnotifies: list[Any]) -> None:
+        """Count and dispatch libpq's notifications (``PGnotify``)."""
+        if not pgnotifies:
+            return
         on_notification = self._host.caller("listener_notification")
-        listener = self._listener
-        batch: list[Delivery] = []
-        next_notify = pgconn.notifies
-        while True:
-            pgnotify = next_notify()
-            if pgnotify is None:
-                break
-            try:
-                channel = pgnotify.relname.decode(encoding)
-                payload = pgnotify.extra.decode(encoding)
-            except UnicodeDecodeError:
-                # Never fatal, nothing lost: bytes the encoding cannot decode
-                # (a SQL_ASCII database) come through as lone surrogates, and
-                # payload.encode(encoding, "surrogateescape") gives them back.
-                channel = pgnotify.relname.decode(encoding, "surrogateescape")
-                payload = pgnotify.extra.decode(encoding, "surrogateescape")
-            # tuple.__new__, as namedtuple's own _make() does, skips the
-            # Python-level Notify.__new__: 17% of a drain in the profile.
-            notify: Notify = _tuple_new(Notify, (channel, payload, pgnotify.be_pid))
-            if on_notification is not None:
-                on_notification(listener=listener, notify=notify)
-            callbacks = registry.get(channel)
-            if callbacks:
-                batch.append((callbacks, notify))
-                if len(batch) >= room:
-                    break
+        if on_notification is None and not self.active:
+            return  # a standby reads to keep the server's queue moving, no more
+        batch = self._reader.deliveries(pgnotifies, on_notification, self._listener)
         if not batch or not self.active:
-            return False
+            return
         self._last_notification_at = time.time()
-        _count_into(self._received, map(_channel_of, map(_notify_of, batch)))
-        full = len(batch) >= room
+        count_channels(self._received, batch)
         if self._held:
             batch = self._hold(batch)
         pending = self._dispatcher.dispatch(batch)
         if pending is not None:
             self._awaits.append(pending)
-        return full
 
     def _hold(self, batch: list[Delivery]) -> list[Delivery]:
         """Keep back the notifications of channels whose catch-up must run first."""
@@ -1178,6 +1138,7 @@ class Core:
             # Registered before LISTEN is acknowledged: the server may send
             # the channel's first notifications just before its answer.
             self._registry[channel] = (*entries, entry)
+            self._reader.forget_routes()
             if request.catch_up is not None:
                 self._catch_ups.setdefault(channel, {})[callback] = request.catch_up
             if entries:
@@ -1215,6 +1176,7 @@ class Core:
         )
         catch_ups = self._catch_ups.get(channel, {})
         catch_ups.pop(callback, None)
+        self._reader.forget_routes()
         if remaining:
             self._registry[channel] = remaining
             return

@@ -35,11 +35,11 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from operator import countOf
 
 from psycopg import Notify
 
 from ._sequencing import Delivery, OrderBy, Sequencer, Unit, key_function
+from ._stats import count_channels
 from .hookspecs import Callback
 
 logger = logging.getLogger("classic.pg.listener")
@@ -112,15 +112,7 @@ class Counts:
         self._errors: Counter[str] = Counter()
 
     def add(self, chunk: Sequence[Delivery], errors: dict[str, int] | None) -> None:
-        if not chunk:
-            return
-        channels = [notify[0] for _, notify in chunk]
-        first = channels[0]
-        # Most chunks hold one channel: one C-level count, then one addition.
-        if countOf(channels, first) == len(channels):
-            self._delivered[first] += len(channels)
-        else:
-            self._delivered.update(channels)
+        count_channels(self._delivered, chunk)
         if errors:
             self._errors.update(errors)
 

@@ -20,23 +20,12 @@ import asyncio
 import inspect
 import logging
 import time
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from operator import itemgetter
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from ._core import Delivery
 from ._dispatch import CallbackDone, Counts, _log_failure
-from ._sequencing import OrderBy, Sequencer, Unit, key_function
-
-_count_into = Counter.update
-_notify_of = itemgetter(1)
-_channel_of = itemgetter(0)
-
-
-def _channels(batch: Sequence[Delivery]) -> Iterator[str]:
-    return map(_channel_of, map(_notify_of, batch))
-
+from ._sequencing import Delivery, OrderBy, Sequencer, Unit, key_function
 
 logger = logging.getLogger("classic.pg.listener")
 
@@ -83,37 +72,6 @@ def _run_one(
     return None
 
 
-def _call(
-    callbacks: Sequence[Any], notify: Any, counts: Counts, on_done: CallbackDone | None
-) -> Awaitable[None] | None:
-    """A delivery's callbacks in order; an awaitable for the rest once one must be
-    awaited. Without a hook, plain callbacks cost no clock reading."""
-    position = 0
-    for callback in callbacks:
-        position += 1
-        if on_done is None:
-            try:
-                result = callback(notify)
-            except Exception:
-                counts._errors[notify[0]] += 1
-                _log_failure(callback, notify)
-                continue
-            if result is None or not inspect.isawaitable(result):
-                continue
-            pending: Awaitable[None] = _await_callback(
-                result, notify, callback, counts, None, 0.0
-            )
-        else:
-            maybe = _run_one(callback, notify, counts, on_done)
-            if maybe is None:
-                continue
-            pending = maybe
-        if position < len(callbacks):
-            return _then(pending, callbacks[position:], notify, counts, on_done)
-        return pending
-    return None
-
-
 async def _then(
     first: Awaitable[None],
     callbacks: Sequence[Any],
@@ -128,38 +86,92 @@ async def _then(
             await pending
 
 
+def _finishing(
+    first: Awaitable[None],
+    callbacks: Sequence[Any],
+    after: int,
+    notify: Any,
+    counts: Counts,
+    on_done: CallbackDone | None,
+) -> Awaitable[None]:
+    """What finishes a delivery: ``first``, then its callbacks from ``after`` on."""
+    if after < len(callbacks):
+        return _then(first, callbacks[after:], notify, counts, on_done)
+    return first
+
+
+def run_until_awaited(
+    deliveries: Sequence[Delivery],
+    start: int,
+    end: int,
+    counts: Counts,
+    on_done: CallbackDone | None,
+) -> tuple[int, Awaitable[None] | None]:
+    """Run ``deliveries[start:end]`` in order until a callback returns an awaitable.
+
+    Returns the index of that delivery and the awaitable that finishes it,
+    its later callbacks included; ``(end, None)`` when everything ran. Plain
+    callbacks without a hook take the loop of the threaded inline dispatch:
+    no call per delivery, no clock reading.
+    """
+    if on_done is not None:
+        for index in range(start, end):
+            callbacks, notify = deliveries[index]
+            for position, callback in enumerate(callbacks):
+                pending = _run_one(callback, notify, counts, on_done)
+                if pending is not None:
+                    return index, _finishing(
+                        pending, callbacks, position + 1, notify, counts, on_done
+                    )
+        return end, None
+    for index in range(start, end):
+        callbacks, notify = deliveries[index]
+        for callback in callbacks:
+            try:
+                result = callback(notify)
+            except Exception:
+                counts._errors[notify[0]] += 1
+                _log_failure(callback, notify)
+                continue
+            if result is not None and inspect.isawaitable(result):
+                after = next(i for i, c in enumerate(callbacks) if c is callback) + 1
+                pending = _await_callback(result, notify, callback, counts, None, 0.0)
+                return index, _finishing(
+                    pending, callbacks, after, notify, counts, None
+                )
+    return end, None
+
+
 async def _deliver(
     batch: Sequence[Delivery],
-    start: int,
-    first: Awaitable[None],
+    index: int,
+    pending: Awaitable[None],
     counts: Counts,
     on_done: CallbackDone | None,
 ) -> None:
-    """The rest of a batch, once a delivery's callbacks must be awaited.
-
-    ``first`` finishes the delivery at ``start``, its later callbacks included.
-    """
-    await first
-    counts._delivered[batch[start][1][0]] += 1
-    for callbacks, notify in batch[start + 1 :]:
-        pending = _call(callbacks, notify, counts, on_done)
-        if pending is not None:
-            await pending
-        counts._delivered[notify[0]] += 1
+    """The rest of a batch, once the delivery at ``index`` must be awaited."""
+    end = len(batch)
+    while True:
+        await pending
+        start = index
+        index, maybe = run_until_awaited(batch, index + 1, end, counts, on_done)
+        counts.add(batch[start:index], None)
+        if maybe is None:
+            return
+        pending = maybe
 
 
 def deliver(
     batch: Sequence[Delivery], counts: Counts, on_done: CallbackDone | None
 ) -> Awaitable[None] | None:
     """Run a batch in order; an awaitable for the rest once one must be awaited."""
-    for index, (callbacks, notify) in enumerate(batch):
-        pending = _call(callbacks, notify, counts, on_done)
-        if pending is not None:
-            # Count what ran to completion; the rest is counted as it ends.
-            _count_into(counts._delivered, _channels(batch[:index]))
-            return _deliver(batch, index, pending, counts, on_done)
-    _count_into(counts._delivered, _channels(batch))
-    return None
+    index, pending = run_until_awaited(batch, 0, len(batch), counts, on_done)
+    if pending is None:
+        counts.add(batch, None)
+        return None
+    # Count what ran to completion; the rest is counted as it ends.
+    counts.add(batch[:index], None)
+    return _deliver(batch, index, pending, counts, on_done)
 
 
 async def _run_catch_up(run: Callable[[], object]) -> None:
@@ -315,21 +327,22 @@ class TaskDispatcher(Counts):
             # The hook's plugins of now, not of when the batch came.
             on_done = self._on_done()
             keyed = unit.key is not None
-            index, end = start, len(deliveries)
-            while index < end:
-                callbacks, notify = deliveries[index]
-                index += 1
-                pending = _call(callbacks, notify, self, on_done)
+            counted, end = start, len(deliveries)
+            while True:
+                index, pending = run_until_awaited(
+                    deliveries, start, end, self, on_done
+                )
                 if pending is None:
-                    continue
-                self._account(deliveries[start : index - 1])
-                start = index - 1
-                if not keyed and index < end:
-                    queue.appendleft((unit, index))  # the rest, for another worker
-                    end = index
+                    break
+                self._account(deliveries[counted:index])
+                counted = index
+                if not keyed and index + 1 < end:
+                    queue.appendleft((unit, index + 1))  # the rest, for another worker
+                    end = index + 1
                     self._kick()
                 await pending
-            self._account(deliveries[start:index])
+                start = index + 1
+            self._account(deliveries[counted:end])
             if keyed:
                 self._ready(self._sequencer.finish(unit))
 

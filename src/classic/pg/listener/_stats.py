@@ -8,8 +8,29 @@ scrape time costs the hot path nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import countOf
+from typing import Any
+
+
+def count_channels(
+    counter: Counter[str], deliveries: Sequence[tuple[Any, Any]]
+) -> None:
+    """Count ``(callbacks, notify)`` pairs per channel into ``counter``.
+
+    Most batches hold one channel: then one C-level count and one addition,
+    a third of what ``Counter.update`` costs per item.
+    """
+    if not deliveries:
+        return
+    channels = [notify[0] for _, notify in deliveries]
+    first = channels[0]
+    if countOf(channels, first) == len(channels):
+        counter[first] += len(channels)
+    else:
+        counter.update(channels)
 
 
 @dataclass(frozen=True)
