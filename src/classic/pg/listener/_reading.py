@@ -24,7 +24,7 @@ from typing import Any
 
 from psycopg import Notify
 
-from ._sequencing import Delivery
+from ._sequencing import Delivery, OneChannel
 from .hookspecs import Callback
 
 Route = tuple[str, tuple[Callback, ...]]
@@ -90,7 +90,8 @@ class Reader:
                 if not callbacks:
                     return []
                 try:
-                    return list(
+                    return OneChannel(
+                        channel,
                         zip(
                             repeat(callbacks),
                             map(
@@ -102,7 +103,7 @@ class Reader:
                                     map(_pid_of, pgnotifies),
                                 ),
                             ),
-                        )
+                        ),
                     )
                 except UnicodeDecodeError:
                     pass  # the loop decodes what it can and escapes the rest

@@ -14,16 +14,22 @@ from dataclasses import dataclass
 from operator import countOf
 from typing import Any
 
+from ._sequencing import OneChannel
+
 
 def count_channels(
     counter: Counter[str], deliveries: Sequence[tuple[Any, Any]]
 ) -> None:
     """Count ``(callbacks, notify)`` pairs per channel into ``counter``.
 
-    Most batches hold one channel: then one C-level count and one addition,
-    a third of what ``Counter.update`` costs per item.
+    Most batches hold one channel: then one addition (the reader said so), or
+    one C-level count and one addition, a third of what ``Counter.update``
+    costs per item.
     """
     if not deliveries:
+        return
+    if type(deliveries) is OneChannel:
+        counter[deliveries.channel] += len(deliveries)
         return
     channels = [notify[0] for _, notify in deliveries]
     first = channels[0]
