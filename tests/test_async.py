@@ -542,6 +542,49 @@ async def test_max_concurrency_zero_awaits_in_order(make_listener, aconn, channe
     assert not overlapping
 
 
+async def test_max_concurrency_zero_keeps_order_across_plain_and_coroutine_callbacks(
+    make_listener, aconn, channel
+):
+    listener = make_listener(max_concurrency=0)
+    events: list[str] = []
+    finished = asyncio.Event()
+
+    def first(notify: Notify) -> None:
+        events.append(f"first {notify.payload}")
+
+    async def second(notify: Notify) -> None:
+        events.append(f"second {notify.payload} starts")
+        await asyncio.sleep(0.001)
+        events.append(f"second {notify.payload} ends")
+
+    def third(notify: Notify) -> None:
+        events.append(f"third {notify.payload}")
+        if notify.payload == "2":
+            raise ValueError("logged, and the rest still runs")
+        if notify.payload == "3":
+            finished.set()
+
+    for callback in (first, second, third):
+        listener.add_callback(callback, channel)
+    listener.start()
+    await within(listener.add_callback(third, channel))  # already there: a no-op
+    await anotify(aconn, channel, "1", "2", "3")
+    await within(finished.wait())
+    assert events == [
+        f"{name} {n}{suffix}"
+        for n in "123"
+        for name, suffix in (
+            ("first", ""),
+            ("second", " starts"),
+            ("second", " ends"),
+            ("third", ""),
+        )
+    ]
+    stats = listener.stats()
+    assert stats.delivered[channel] == 3
+    assert stats.callback_errors[channel] == 1
+
+
 async def test_backlog_is_bounded(make_listener, aconn, channel):
     listener = make_listener(max_concurrency=2, max_backlog=10)
     seen: list[int] = []

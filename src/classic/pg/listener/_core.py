@@ -818,10 +818,10 @@ class Core:
             token = self._skip_until.encode()
         before = []
         for pgnotify in iter(pgconn.notifies, None):
-            if pgnotify[0] == marker and pgnotify[2] == token:
+            if pgnotify.relname == marker and pgnotify.extra == token:
                 break
             before.append(pgnotify)
-        else:
+        else:  # the marker is still to come
             if rotation is not None:
                 self._hand_over(before)
             return False
