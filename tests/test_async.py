@@ -1446,6 +1446,12 @@ async def test_loop_never_blocked_over_50_ms(
         # reconnects
         await aconn.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
         await within(signals.on_reconnect.wait())
+        # applies a burst of 10,000 callbacks (every SSE client reconnecting)
+        idle = [lambda notify: None for _ in range(10_000)]
+        burst = await asyncio.to_thread(
+            lambda: [listener.add_callback(cb, channel + "_burst") for cb in idle]
+        )
+        await within(asyncio.gather(*burst))
         # drains 100,000
         draining = time.perf_counter()
         sender = asyncio.ensure_future(send_batched(dsn, channel, total))

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -113,6 +114,52 @@ def test_callbacks_changed_on_a_busy_channel_apply_after_their_future(
     wait_until(lambda: len(second.calls) == 2, "the remaining callback's call")
     assert first.payloads == ["first only", "both"]
     assert second.payloads == ["both", "second only"]
+
+
+def test_a_burst_of_callbacks_on_one_channel_keeps_the_connection(
+    make_listener, conn, channel
+):
+    """Every SSE client of a channel reconnecting at once: thousands of
+    add_callback() in one burst. Each costs the same however many the
+    channel has, and the loop reads between shares of them, so the statement
+    queued behind the burst is not timed out for want of reading."""
+    n = 10_000
+    listener = make_listener(max_workers=0, ping_timeout=0.5)
+    listener.start()
+    got: list[int] = []
+
+    def make_callback(i: int) -> Any:
+        return lambda notify: got.append(i)
+
+    callbacks = [make_callback(i) for i in range(n)]
+    added = [listener.add_callback(callback, channel) for callback in callbacks]
+    behind = listener.add_callback(Recorder(), channel + "_behind")  # a LISTEN
+    for future in [*added, behind]:
+        future.result(WAIT)
+    notify(conn, channel, "to all")
+    wait_until(lambda: len(got) == n, "every callback's call")
+    assert sorted(got) == list(range(n))
+    removed = [listener.remove_callback(callback, channel) for callback in callbacks]
+    for future in removed:
+        future.result(WAIT)
+    assert set(listener.channels) == {channel + "_behind"}
+    assert listener.reconnects == 0
+
+
+def test_an_unhashable_callback_is_refused_at_the_call(listener, channel):
+    @dataclass
+    class Callback:  # eq=True without frozen=True: no __hash__
+        name: str
+
+        def __call__(self, notify: Notify) -> None:
+            pass
+
+    kept = Recorder()
+    listener.add_callback(kept, channel).result(WAIT)
+    with pytest.raises(TypeError, match="must be hashable"):
+        listener.add_callback(Callback("x"), channel, catch_up=lambda: None)
+    assert listener.channels == {channel: (kept,)}
+    assert listener.responsive(WAIT)  # the loop goes on
 
 
 def test_channels_interleaved_in_one_transaction_keep_commit_order(

@@ -44,6 +44,7 @@ from psycopg._encodings import pg2pyenc
 from ._backoff import Backoff
 from ._keepalive import configure_keepalive
 from ._reading import Reader
+from ._registry import Registry
 from ._sequencing import Delivery
 from ._stats import ListenerStats, count_channels
 from ._waiting import CONNECT, READ, WRITE, Await, Close, Loop, Wait
@@ -62,6 +63,10 @@ logger = logging.getLogger("classic.pg.listener")
 MAX_CHANNEL_BYTES = 63
 """PostgreSQL truncates longer identifiers (NAMEDATALEN - 1), so a longer
 channel would be listened to under another name and never match."""
+
+REQUESTS_PER_TURN = 256
+"""Requests applied between two reads of the socket (or event loop turns):
+a burst of thousands waits neither reading nor an event loop for long."""
 
 _tuple_new = tuple.__new__
 _FATAL = pq.ExecStatus.FATAL_ERROR
@@ -348,8 +353,8 @@ class Core:
         self.waker = Waker()
         self._stopping = False
         self._finished = False
-        self._registry: dict[str, tuple[Callback, ...]] = {}
-        self._reader = Reader(self._registry)
+        self._registry = Registry()
+        self._reader = Reader(self._registry.entries)
         self._catch_ups: dict[str, dict[Callback, CatchUp]] = {}
         self._held: dict[str, list[Delivery]] = {}
         self._conn: Any = None
@@ -415,12 +420,10 @@ class Core:
     @property
     def channels(self) -> dict[str, tuple[Callback, ...]]:
         """The channels listened to: not one whose LISTEN is still on its way."""
-        pending = self._listen_pending()
-        return {
-            channel: tuple(registered(entry) for entry in entries)
-            for channel, entries in list(self._registry.items())
-            if channel != pending
-        }
+        channels = self._registry.callbacks()
+        if (pending := self._listen_pending()) is not None:
+            channels.pop(pending, None)
+        return channels
 
     def _listen_pending(self) -> str | None:
         """The new channel of the LISTEN in flight, registered but not yet
@@ -429,8 +432,7 @@ class Core:
         request = statement.request if statement is not None else None
         if request is None or request.action != "add":
             return None
-        entries = self._registry.get(request.channel, ())
-        return request.channel if len(entries) == 1 else None
+        return request.channel if self._registry.count(request.channel) == 1 else None
 
     def stats(self, name: str) -> ListenerStats:
         dispatcher = self._dispatcher
@@ -569,10 +571,14 @@ class Core:
             yield from self._verify(self._pgconn)
             # Changes made before start() or while disconnected, so that the
             # connected hooks see every channel listened to.
+            applied = 0
             while self._requests:
                 statement = self._next_request()
+                applied += 1
                 if statement is not None:
                     yield from self._run(statement)
+                elif applied % REQUESTS_PER_TURN == 0:
+                    yield Wait(-1, 0, time.monotonic())  # an event loop's turn
         except UnicodeEncodeError as ex:
             # A registered channel this connection's client encoding cannot
             # express: retried, with backoff and a warning, like a refusal.
@@ -752,16 +758,17 @@ class Core:
                         raise ConnectionLost() from ex
                     statement.started = time.perf_counter()
                     self._statement = statement
-                    deadline = now + timeout
+                    # Not ``now``: applying requests took time of its own.
+                    deadline = time.monotonic() + timeout
                     continue
-                if self._requests:
-                    continue  # those that needed no statement were answered
             if awaits:
                 continue  # inline coroutine callbacks of that batch: await them now
             if statement is not None:
                 wake_at: float | None = deadline
             elif rotation is not None:
                 wake_at = None  # the marker is on its way
+            elif self._requests:
+                wake_at = now  # read what came meanwhile, then apply more
             else:
                 wake_at = self._next_ping(last_activity)
                 if self._rotate_at is not None:
@@ -1102,10 +1109,14 @@ class Core:
     def _next_statement(self, now: float, last_activity: float) -> Statement | None:
         if self._internal:
             return self._internal.popleft()
-        while self._requests:
+        # A burst of requests (thousands of add_callback() at once) is
+        # applied a share per turn, so that reading and the deadlines go on.
+        for _ in range(min(len(self._requests), REQUESTS_PER_TURN)):
             statement = self._next_request()
             if statement is not None:
                 return statement
+        if self._requests:
+            return None
         ping_at = self._next_ping(last_activity)
         if ping_at is not None and now >= ping_at:
             self._last_ping_sent = now
@@ -1120,14 +1131,22 @@ class Core:
         # A request put back after a lost connection is running already.
         if not (future.running() or future.set_running_or_notify_cancel()):
             return None  # cancelled by its user while queued
+        try:
+            return self._apply(request)
+        except BaseException as ex:
+            if not future.done():  # whatever ends the loop, this one resolves too
+                future.set_exception(public_error(ex))
+            raise
+
+    def _apply(self, request: Request) -> Statement | None:
         channel, callback = request.channel, request.callback
-        entries = self._registry.get(channel, ())
-        callbacks = [registered(entry) for entry in entries]
+        registry = self._registry
         if request.action == "add":
-            if callback in callbacks:
+            if registry.has(channel, callback):
                 request.future.set_result(None)
                 return None
-            if not entries and (error := channel_too_long(channel, self.server_codec)):
+            first = channel not in registry
+            if first and (error := channel_too_long(channel, self.server_codec)):
                 request.future.set_exception(error)
                 return None
             entry = (
@@ -1137,11 +1156,11 @@ class Core:
             )
             # Registered before LISTEN is acknowledged: the server may send
             # the channel's first notifications just before its answer.
-            self._registry[channel] = (*entries, entry)
+            registry.add(channel, callback, entry)
             self._reader.forget_routes()
             if request.catch_up is not None:
                 self._catch_ups.setdefault(channel, {})[callback] = request.catch_up
-            if entries:
+            if not first:
                 request.future.set_result(None)
                 if request.catch_up is not None and self._connected_since:
                     self._catch_up(channel, [request.catch_up])
@@ -1155,14 +1174,14 @@ class Core:
             if request.catch_up is not None:
                 self._held[channel] = []
             return Statement(query, request=request)
-        if callback not in callbacks:
+        if not registry.has(channel, callback):
             request.future.set_exception(
                 CallbackNotRegistered(
                     f"{callback!r} is not registered on channel {channel!r}"
                 )
             )
             return None
-        if len(entries) > 1:
+        if registry.count(channel) > 1:
             self._unregister(channel, callback)
             request.future.set_result(None)
             return None
@@ -1171,16 +1190,10 @@ class Core:
         return Statement(self._statement_for("UNLISTEN", channel), request=request)
 
     def _unregister(self, channel: str, callback: Callback) -> None:
-        remaining = tuple(
-            e for e in self._registry.get(channel, ()) if registered(e) != callback
-        )
-        catch_ups = self._catch_ups.get(channel, {})
-        catch_ups.pop(callback, None)
+        self._catch_ups.get(channel, {}).pop(callback, None)
         self._reader.forget_routes()
-        if remaining:
-            self._registry[channel] = remaining
+        if self._registry.remove(channel, callback):
             return
-        self._registry.pop(channel, None)
         self._catch_ups.pop(channel, None)
         self._held.pop(channel, None)
 

@@ -57,6 +57,17 @@ def check_callable(value: object, what: str, *, allow_async: bool) -> None:
         )
 
 
+def check_hashable(callback: object) -> None:
+    try:
+        hash(callback)
+    except TypeError:
+        raise TypeError(
+            f"callback {callback!r} must be hashable: a listener tells callbacks"
+            " apart by equality and hash, as a dict does (for a dataclass,"
+            " @dataclass(eq=False) or frozen=True)"
+        ) from None
+
+
 def _is_coroutine_function(value: object) -> bool:
     import inspect
 
@@ -242,6 +253,7 @@ class ListenerBase:
         decode: Callable[[str], Any] | None = None,
     ) -> Future[None]:
         check_callable(callback, "callback", allow_async=self._allow_async)
+        check_hashable(callback)
         check_channel(channel, self._core.server_codec)
         if catch_up is not None:
             check_callable(catch_up, "catch_up", allow_async=self._allow_async)

@@ -16,7 +16,7 @@ notification at a time.
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from itertools import repeat
 from operator import countOf, itemgetter
@@ -51,8 +51,8 @@ class Reader:
     ``use_encoding()`` (a new connection).
     """
 
-    def __init__(self, registry: Mapping[str, tuple[Callback, ...]]):
-        self._registry = registry
+    def __init__(self, entries_of: Callable[[str], tuple[Callback, ...]]):
+        self._entries_of = entries_of
         self._routes: dict[bytes, Route] = {}
         self.use_encoding("utf-8")
 
@@ -69,7 +69,7 @@ class Reader:
         if route is not None:
             return route
         channel = relname.decode(self._encoding, "surrogateescape")
-        callbacks = self._registry.get(channel, ())
+        callbacks = self._entries_of(channel)
         if callbacks:  # only listened channels come: the routes stay few
             self._routes[relname] = (channel, callbacks)
         return channel, callbacks
