@@ -587,20 +587,25 @@ def test_concurrent_add_remove_while_notifications_flow(make_listener, dsn, chan
     futures: list[Future[None]] = []
     flowing = threading.Event()
     done = threading.Event()
+    # Paced by the listener, not by the clock: the server answers each LISTEN
+    # only after the notifications queued before it, and each noise
+    # notification here runs hundreds of callbacks. A sender faster than
+    # they run (under coverage's tracer, or on a slow machine) would hold
+    # the changes and the final notifications back behind an unbounded
+    # queue. A round ends on the pace channel, so at most one is pending.
+    pace, paced = f"{channel}_pace", threading.Event()
+    listener.add_callback(lambda notify: paced.set(), pace).result(WAIT)
 
     def sender() -> None:
-        # Paced: the server answers each LISTEN only after the notifications
-        # queued before it, so a flood faster than the callbacks (hundreds
-        # per notification here) would hold every change back without bound.
         with psycopg.connect(dsn, autocommit=True) as conn:
-            while True:
+            while not done.is_set():
+                paced.clear()
                 conn.execute(
                     "SELECT pg_notify(c, 'noise') FROM unnest(%s::text[]) c",
-                    (channels,),
+                    ([*channels, pace],),
                 )
                 flowing.set()
-                if done.wait(0.005):
-                    break
+                paced.wait(WAIT)
 
     def worker(t: int) -> None:
         mine: list[tuple[Callable[[Notify], None], str]] = []
@@ -642,7 +647,8 @@ def test_concurrent_add_remove_while_notifications_flow(make_listener, dsn, chan
     assert len(futures) > threads * per_thread  # adds, and most removes
 
     state = listener.channels
-    assert set(state) == {c for c in channels if c not in emptied}
+    assert set(state) == {c for c in channels if c not in emptied} | {pace}
+    del state[pace]
     for c, callbacks in state.items():
         assert len(callbacks) == len(set(callbacks))
         assert set(callbacks) == expected[c]
