@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import select
 import selectors
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -167,6 +168,12 @@ class _Watch:
     the armed timer keeps the timer, whose early firing is a harmless
     spurious wake-up. That spares each wake-up four epoll_ctl calls and a
     timer, which is most of what it costs the event loop.
+
+    A kept reader may fire once too often: the event loop polls before it
+    runs the serving task, which then reads the socket dry, so the event
+    that poll saw comes after the read, for data already taken. Taken for
+    real, it would cost a whole pass of the serving loop per batch, for
+    nothing; a zero-timeout ``select()`` tells it apart, for less.
     """
 
     def __init__(self, event_loop: asyncio.AbstractEventLoop, waker_fileno: int):
@@ -182,6 +189,13 @@ class _Watch:
         if waiter is not None and not waiter.done():
             waiter.set_result(events)
 
+    def _readable(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if select.select((self._fileno,), (), (), 0)[0]:
+            waiter.set_result(READ)
+
     async def wait(self, effect: Wait) -> int:
         event_loop = self._loop
         fileno, events = effect.fileno, effect.events
@@ -190,7 +204,7 @@ class _Watch:
             event_loop.add_reader(self._waker, self._ready, 0)
             if fileno >= 0:
                 if events & READ:
-                    event_loop.add_reader(fileno, self._ready, READ)
+                    event_loop.add_reader(fileno, self._readable)
                 if events & WRITE:
                     event_loop.add_writer(fileno, self._ready, WRITE)
             self._fileno, self._events = fileno, events
