@@ -37,6 +37,8 @@ from classic.pg.listener import (
     ReconnectFailed,
     hookimpl,
 )
+from classic.pg.listener._dispatch_async import TaskDispatcher
+from classic.pg.listener._sequencing import Delivery, OneChannel
 from classic.pg.listener.testing import WAIT
 from fix_proxy import Proxy
 from fix_server import ThrowawayServer
@@ -542,10 +544,11 @@ async def test_max_concurrency_zero_awaits_in_order(make_listener, aconn, channe
     assert not overlapping
 
 
-async def test_max_concurrency_zero_keeps_order_across_plain_and_coroutine_callbacks(
-    make_listener, aconn, channel
+@pytest.mark.parametrize("max_concurrency", [0, 1])
+async def test_one_at_a_time_keeps_order_across_plain_and_coroutine_callbacks(
+    make_listener, aconn, channel, max_concurrency
 ):
-    listener = make_listener(max_concurrency=0)
+    listener = make_listener(max_concurrency=max_concurrency)
     events: list[str] = []
     finished = asyncio.Event()
 
@@ -968,6 +971,49 @@ async def test_cancelling_run_closes_resolves_and_reraises(
     while not await gone():
         assert time.monotonic() < deadline, "the backend still runs"
         await asyncio.sleep(0.01)
+
+
+async def test_worker_tasks_count_a_batch_cut_by_coroutine_callbacks():
+    """Plain callbacks run at once, coroutine ones in workers, and the
+    batch's parts are counted per channel as each part ends."""
+    ran: list[str] = []
+
+    def plain(notify: Notify) -> None:
+        ran.append(notify.payload)
+
+    async def coroutine(notify: Notify) -> None:
+        await asyncio.sleep(0)
+        ran.append(f"{notify.payload} awaited")
+
+    dispatcher = TaskDispatcher(None, 100, lambda: None, lambda: None, "test")
+    batch: list[Delivery] = [((plain,), Notify("a", str(i), 1)) for i in range(5)]
+    batch[2] = ((plain, coroutine), Notify("a", "2", 1))
+    dispatcher.dispatch(OneChannel("a", batch))
+    assert ran == ["0", "1", "2"]  # at once, until the coroutine
+    assert dispatcher.delivered() == {"a": 2}
+    await dispatcher.shutdown()
+    assert sorted(ran) == sorted(["0", "1", "2", "2 awaited", "3", "4"])
+    assert dispatcher.delivered() == {"a": 5}
+    assert dispatcher.backlog == 0
+
+
+async def test_cancel_drops_coroutine_callbacks_no_worker_started():
+    """Cancelled between a coroutine callback's call (plain callbacks run at
+    once, and this one was next) and the first step of the worker that
+    would await it: the coroutine is closed, never run, and not reported as
+    never awaited (which filterwarnings = error would catch)."""
+    ran: list[str] = []
+
+    async def callback(notify: Notify) -> None:
+        ran.append(notify.payload)
+
+    dispatcher = TaskDispatcher(None, 100, lambda: None, lambda: None, "test")
+    dispatcher.dispatch([((callback,), Notify("channel", "1", 1))])
+    assert dispatcher.backlog == 1  # called, waiting for its worker
+    dispatcher.cancel()
+    await asyncio.sleep(0)
+    gc.collect()
+    assert ran == []
 
 
 async def test_cancelling_while_connecting(make_listener):

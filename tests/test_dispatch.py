@@ -22,7 +22,7 @@ from psycopg import Notify
 
 from classic.pg.listener import Listener, hookimpl
 from classic.pg.listener._dispatch import CallbackDone, InlineDispatcher, PoolDispatcher
-from classic.pg.listener._sequencing import Delivery, Sequencer, Unit
+from classic.pg.listener._sequencing import Delivery, OneChannel, Sequencer, Unit
 from classic.pg.listener.hookspecs import Callback
 from classic.pg.listener.testing import WAIT, notify, wait_until
 
@@ -276,6 +276,17 @@ def test_counters_per_channel(inline, caplog):
         dispatcher.shutdown()
     assert dispatcher.delivered() == {"a": 3, "b": 2}
     assert dispatcher.errors() == {"b": 2}
+
+
+def test_a_one_channel_batch_split_between_workers_is_counted_whole():
+    pool = make_pool()
+    ok = [lambda n: None]
+    # More than a worker takes at a time: shares are slices of the batch.
+    size = 3 * PoolDispatcher.MAX_TAKE + 1
+    pool.dispatch(OneChannel("a", (delivery("a", str(i), ok) for i in range(size))))
+    pool.dispatch([delivery("b", "x", ok), delivery("a", "y", ok)])
+    pool.shutdown()
+    assert pool.delivered() == {"a": size + 1, "b": 1}
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "pool"])

@@ -111,8 +111,13 @@ class Counts:
         self._delivered: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
 
-    def add(self, chunk: Sequence[Delivery], errors: dict[str, int] | None) -> None:
-        count_channels(self._delivered, chunk)
+    def add(
+        self,
+        chunk: Sequence[Delivery],
+        errors: dict[str, int] | None,
+        cut_from: Sequence[Delivery] | None = None,
+    ) -> None:
+        count_channels(self._delivered, chunk, cut_from)
         if errors:
             self._errors.update(errors)
 
@@ -458,7 +463,7 @@ class PoolDispatcher:
             self._catch_ups_running -= 1
         elif chunk:
             self._backlog -= len(chunk)
-            self._counts.add(chunk, errors)
+            self._counts.add(chunk, errors, unit.deliveries)
             # Seconds per delivery, smoothed: one odd chunk (a GIL switch in
             # the middle) does not swing the shares.
             self._cost += (took / len(chunk) - self._cost) / 4

@@ -52,10 +52,11 @@ async def _await_callback(
         on_done(callback, notify, time.perf_counter() - started, error)
 
 
-def _run_one(
+def _call(
     callback: Any, notify: Any, counts: Counts, on_done: CallbackDone | None
-) -> Awaitable[None] | None:
-    """Call one callback; the awaitable that finishes it, if it returned one."""
+) -> tuple[Awaitable[object], float] | None:
+    """Call one callback; what it returned if that is to be awaited, and
+    when it was called. A plain one is finished here, hook included."""
     started = time.perf_counter()
     try:
         result = callback(notify)
@@ -66,7 +67,7 @@ def _run_one(
             on_done(callback, notify, time.perf_counter() - started, ex)
         return None
     if result is not None and inspect.isawaitable(result):
-        return _await_callback(result, notify, callback, counts, on_done, started)
+        return result, started
     if on_done is not None:
         on_done(callback, notify, time.perf_counter() - started, None)
     return None
@@ -81,23 +82,15 @@ async def _then(
 ) -> None:
     await first
     for callback in callbacks:
-        pending = _run_one(callback, notify, counts, on_done)
-        if pending is not None:
-            await pending
+        called = _call(callback, notify, counts, on_done)
+        if called is not None:
+            result, started = called
+            await _await_callback(result, notify, callback, counts, on_done, started)
 
 
-def _finishing(
-    first: Awaitable[None],
-    callbacks: Sequence[Any],
-    after: int,
-    notify: Any,
-    counts: Counts,
-    on_done: CallbackDone | None,
-) -> Awaitable[None]:
-    """What finishes a delivery: ``first``, then its callbacks from ``after`` on."""
-    if after < len(callbacks):
-        return _then(first, callbacks[after:], notify, counts, on_done)
-    return first
+Stop = tuple[Awaitable[object], int, float]
+"""Where a run of callbacks stopped: the awaitable the callback at that
+position of its delivery returned, and when that callback was called."""
 
 
 def run_until_awaited(
@@ -106,23 +99,21 @@ def run_until_awaited(
     end: int,
     counts: Counts,
     on_done: CallbackDone | None,
-) -> tuple[int, Awaitable[None] | None]:
+) -> tuple[int, Stop | None]:
     """Run ``deliveries[start:end]`` in order until a callback returns an awaitable.
 
-    Returns the index of that delivery and the awaitable that finishes it,
-    its later callbacks included; ``(end, None)`` when everything ran. Plain
-    callbacks without a hook take the loop of the threaded inline dispatch:
-    no call per delivery, no clock reading.
+    Returns the index of that delivery and where it stopped (``finish()``
+    makes the rest of it an awaitable); ``(end, None)`` when everything ran.
+    Without a hook, plain callbacks take the loop of the threaded inline
+    dispatch: no call per delivery, no clock reading.
     """
     if on_done is not None:
         for index in range(start, end):
             callbacks, notify = deliveries[index]
             for position, callback in enumerate(callbacks):
-                pending = _run_one(callback, notify, counts, on_done)
-                if pending is not None:
-                    return index, _finishing(
-                        pending, callbacks, position + 1, notify, counts, on_done
-                    )
+                called = _call(callback, notify, counts, on_done)
+                if called is not None:
+                    return index, (called[0], position, called[1])
         return end, None
     for index in range(start, end):
         callbacks, notify = deliveries[index]
@@ -134,44 +125,63 @@ def run_until_awaited(
                 _log_failure(callback, notify)
                 continue
             if result is not None and inspect.isawaitable(result):
-                after = next(i for i, c in enumerate(callbacks) if c is callback) + 1
-                pending = _await_callback(result, notify, callback, counts, None, 0.0)
-                return index, _finishing(
-                    pending, callbacks, after, notify, counts, None
-                )
+                position = next(i for i, c in enumerate(callbacks) if c is callback)
+                return index, (result, position, 0.0)
     return end, None
+
+
+def finish(
+    delivery: Delivery, stop: Stop, counts: Counts, on_done: CallbackDone | None
+) -> Awaitable[None]:
+    """The rest of a delivery where a run stopped: the awaitable, then its
+    later callbacks, in order."""
+    callbacks, notify = delivery
+    result, position, started = stop
+    callback = callbacks[position]
+    first = _await_callback(result, notify, callback, counts, on_done, started)
+    if position + 1 < len(callbacks):
+        return _then(first, callbacks[position + 1 :], notify, counts, on_done)
+    return first
+
+
+def drop(stop: Stop) -> None:
+    """A stop never to be finished: its coroutine is closed, so that it is
+    not reported as never awaited."""
+    result = stop[0]
+    if inspect.iscoroutine(result):
+        result.close()
 
 
 async def _deliver(
     batch: Sequence[Delivery],
     index: int,
-    pending: Awaitable[None],
+    stop: Stop,
     counts: Counts,
     on_done: CallbackDone | None,
 ) -> None:
     """The rest of a batch, once the delivery at ``index`` must be awaited."""
     end = len(batch)
     while True:
-        await pending
+        await finish(batch[index], stop, counts, on_done)
         start = index
         index, maybe = run_until_awaited(batch, index + 1, end, counts, on_done)
-        counts.add(batch[start:index], None)
+        counts.add(batch[start:index], None, batch)
         if maybe is None:
             return
-        pending = maybe
+        stop = maybe
 
 
 def deliver(
     batch: Sequence[Delivery], counts: Counts, on_done: CallbackDone | None
 ) -> Awaitable[None] | None:
     """Run a batch in order; an awaitable for the rest once one must be awaited."""
-    index, pending = run_until_awaited(batch, 0, len(batch), counts, on_done)
-    if pending is None:
+    index, stop = run_until_awaited(batch, 0, len(batch), counts, on_done)
+    if stop is None:
         counts.add(batch, None)
         return None
     # Count what ran to completion; the rest is counted as it ends.
-    counts.add(batch[:index], None)
-    return _deliver(batch, index, pending, counts, on_done)
+    counts.add(batch[:index], None, batch)
+    return _deliver(batch, index, stop, counts, on_done)
 
 
 async def _run_catch_up(run: Callable[[], object]) -> None:
@@ -215,11 +225,14 @@ class TaskDispatcher(Counts):
     """Worker tasks running callbacks concurrently, with a bounded backlog.
 
     ``_sequencing.Sequencer`` decides what may start (order per key,
-    catch-up holds); the queue holds its units, each with the index of its
-    first delivery not yet taken. A worker runs a unit's plain callbacks one
-    after the other without awaiting; at the first callback that returns an
-    awaitable, the rest of an unordered unit goes back to the queue for
-    another worker, while a keyed unit stays with its worker, in order.
+    catch-up holds). Work that may start while no worker is busy or awaited
+    runs at once, in the task that made it ready (the serving task): plain
+    callbacks then cost no task switch and no loop turn, as inline. At the
+    first callback that returns an awaitable, that delivery goes to a worker
+    to be awaited. The rest of an unordered unit goes to the queue for
+    another worker, while a keyed unit stays with that worker, in order. The
+    queue holds ``(unit, start, end, stop)``: the deliveries to run, and
+    where the first of them stopped, if it did.
 
     :param order_by: ``None``, ``"channel"`` or ``key(notify)``: see
         ``_sequencing``.
@@ -242,9 +255,10 @@ class TaskDispatcher(Counts):
         self._wake = wake
         self._name = name
         self._sequencer = Sequencer(key_function(order_by))
-        self._queue: deque[tuple[Unit, int]] = deque()
+        self._queue: deque[tuple[Unit, int, int, Stop | None]] = deque()
         self._idle: deque[asyncio.Future[None]] = deque()
         self._workers: set[asyncio.Task[None]] = set()
+        self._waking = 0  # workers woken or started, yet to look at the queue
         self._backlog = 0
         self._wake_when_drained = False
         self._closing = False
@@ -270,46 +284,72 @@ class TaskDispatcher(Counts):
         self._ready(self._sequencer.catch_up(channel, run))
 
     def _ready(self, units: list[Unit]) -> None:
+        queue = self._queue
         for unit in units:
             if unit.catch_up is not None:
-                self._queue.appendleft((unit, 0))  # first, so a hold ends soon
-            else:
-                self._queue.append((unit, 0))
-        if units:
+                queue.appendleft((unit, 0, 0, None))  # first, so a hold ends soon
+            elif queue or len(self._idle) < len(self._workers):
+                # Behind work queued or running (with max_concurrency=1, that
+                # is what keeps the order).
+                queue.append((unit, 0, len(unit.deliveries), None))
+            elif (stopped := self._run(unit, 0, len(unit.deliveries))) is not None:
+                queue.appendleft((unit, *stopped))
+        if queue:
             self._kick()
 
+    def _run(self, unit: Unit, start: int, end: int) -> tuple[int, int, Stop] | None:
+        """Run ``unit.deliveries[start:end]`` until a callback must be awaited.
+
+        ``None`` once all ran; else ``(index, end, stop)``: the delivery to
+        finish and the end of what stays with it. The rest of an unordered
+        unit goes to the queue, for another worker.
+        """
+        deliveries = unit.deliveries
+        index, stop = run_until_awaited(deliveries, start, end, self, self._on_done())
+        self._account(deliveries, start, index)
+        if stop is None:
+            if unit.key is not None:
+                self._ready(self._sequencer.finish(unit))
+            return None
+        if unit.key is None and index + 1 < end:
+            self._queue.appendleft((unit, index + 1, end, None))
+            self._kick()
+            end = index + 1
+        return index, end, stop
+
     def _kick(self) -> None:
-        """Wake idle workers, else start more while the queue outnumbers them."""
+        """Wake idle workers, else start more, while the queue outnumbers
+        the workers already woken or started."""
         queue, idle = self._queue, self._idle
-        woke = False
-        while idle and queue:
+        wanted = len(queue) - self._waking
+        while idle and wanted > 0:
             waiter = idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                woke = True
-        if woke:
-            return
-        while queue and len(self._workers) < self._workers_wanted:
+                self._waking += 1
+                wanted -= 1
+        while wanted > 0 and len(self._workers) < self._workers_wanted:
             task = asyncio.get_running_loop().create_task(
                 self._work(), name=f"{self._name}-callback-{len(self._workers) + 1}"
             )
             self._workers.add(task)
             task.add_done_callback(self._workers.discard)
-            if len(self._workers) >= len(queue):
-                break
+            self._waking += 1
+            wanted -= 1
 
-    def _account(self, chunk: Sequence[Delivery]) -> None:
-        """Deliveries whose callbacks all ran: counted, out of the backlog."""
-        if not chunk:
+    def _account(self, deliveries: Sequence[Delivery], start: int, end: int) -> None:
+        """``deliveries[start:end]`` ran, every callback: counted, off the backlog."""
+        if start >= end:
             return
-        self.add(chunk, None)
-        self._backlog -= len(chunk)
+        self.add(deliveries[start:end], None, deliveries)
+        self._backlog -= end - start
         if self._wake_when_drained and self._backlog <= self._low_water:
             self._wake_when_drained = False
             self._wake()
 
     async def _work(self) -> None:
         queue, loop = self._queue, asyncio.get_running_loop()
+        self._waking -= 1
         while True:
             if not queue:
                 if self._closing:
@@ -317,34 +357,27 @@ class TaskDispatcher(Counts):
                 waiter = loop.create_future()
                 self._idle.append(waiter)
                 await waiter
+                self._waking -= 1
                 continue
-            unit, start = queue.popleft()
+            unit, start, end, stop = queue.popleft()
             if unit.catch_up is not None:
                 await _run_catch_up(unit.catch_up)
                 self._ready(self._sequencer.finish(unit))
                 continue
+            if stop is None:
+                stopped = self._run(unit, start, end)
+                if stopped is None:
+                    continue
+                start, end, stop = stopped
             deliveries = unit.deliveries
-            # The hook's plugins of now, not of when the batch came.
-            on_done = self._on_done()
-            keyed = unit.key is not None
-            counted, end = start, len(deliveries)
             while True:
-                index, pending = run_until_awaited(
-                    deliveries, start, end, self, on_done
-                )
-                if pending is None:
+                # The hook's plugins of now, not of when the delivery stopped.
+                await finish(deliveries[start], stop, self, self._on_done())
+                self._account(deliveries, start, start + 1)
+                stopped = self._run(unit, start + 1, end)
+                if stopped is None:
                     break
-                self._account(deliveries[counted:index])
-                counted = index
-                if not keyed and index + 1 < end:
-                    queue.appendleft((unit, index + 1))  # the rest, for another worker
-                    end = index + 1
-                    self._kick()
-                await pending
-                start = index + 1
-            self._account(deliveries[counted:end])
-            if keyed:
-                self._ready(self._sequencer.finish(unit))
+                start, end, stop = stopped
 
     async def shutdown(self) -> None:
         """Let the workers finish what was accepted, catch-ups too, then end them."""
@@ -352,12 +385,16 @@ class TaskDispatcher(Counts):
         for waiter in self._idle:
             if not waiter.done():
                 waiter.set_result(None)
+                self._waking += 1
         self._idle.clear()
         while self._workers:
             await asyncio.gather(*self._workers, return_exceptions=True)
 
     def cancel(self) -> None:
         """The serving task was cancelled: so are the callbacks still to run."""
+        for _, _, _, stop in self._queue:
+            if stop is not None:
+                drop(stop)
         self._queue.clear()
         for task in self._workers:
             task.cancel()

@@ -18,18 +18,22 @@ from ._sequencing import OneChannel
 
 
 def count_channels(
-    counter: Counter[str], deliveries: Sequence[tuple[Any, Any]]
+    counter: Counter[str],
+    deliveries: Sequence[tuple[Any, Any]],
+    cut_from: Sequence[tuple[Any, Any]] | None = None,
 ) -> None:
     """Count ``(callbacks, notify)`` pairs per channel into ``counter``.
 
-    Most batches hold one channel: then one addition (the reader said so), or
-    one C-level count and one addition, a third of what ``Counter.update``
-    costs per item.
+    Most batches hold one channel: then one addition (the reader said so of
+    the batch, or of the batch ``cut_from`` that ``deliveries`` is a slice
+    of), or one C-level count and one addition, a third of what
+    ``Counter.update`` costs per item.
     """
     if not deliveries:
         return
-    if type(deliveries) is OneChannel:
-        counter[deliveries.channel] += len(deliveries)
+    batch = deliveries if cut_from is None else cut_from
+    if type(batch) is OneChannel:
+        counter[batch.channel] += len(deliveries)
         return
     channels = [notify[0] for _, notify in deliveries]
     first = channels[0]
