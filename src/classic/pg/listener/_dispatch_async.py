@@ -9,7 +9,9 @@ time, in order: ``dispatch()`` calls the plain ones at once and hands back an
 awaitable only when a callback returned one, so a batch of plain callbacks
 costs no task and no await. Otherwise ``max_concurrency`` worker tasks take
 deliveries from a queue: no task per notification, and never more callbacks
-running at once than workers. The backlog is bounded as in the thread pool,
+awaited at once than workers; a batch that comes while they are all idle
+starts in the serving task, as inline, until a callback must be awaited.
+The backlog is bounded as in the thread pool,
 and order per key and catch-up holds follow ``_sequencing.Sequencer``, the
 pool's rules.
 """
