@@ -550,14 +550,14 @@ async def test_one_at_a_time_keeps_order_across_plain_and_coroutine_callbacks(
 ):
     listener = make_listener(max_concurrency=max_concurrency)
     events: list[str] = []
-    finished = asyncio.Event()
+    finished, release = asyncio.Event(), asyncio.Event()
 
     def first(notify: Notify) -> None:
         events.append(f"first {notify.payload}")
 
     async def second(notify: Notify) -> None:
         events.append(f"second {notify.payload} starts")
-        await asyncio.sleep(0.001)
+        await release.wait()
         events.append(f"second {notify.payload} ends")
 
     def third(notify: Notify) -> None:
@@ -571,7 +571,14 @@ async def test_one_at_a_time_keeps_order_across_plain_and_coroutine_callbacks(
         listener.add_callback(callback, channel)
     listener.start()
     await within(listener.add_callback(third, channel))  # already there: a no-op
-    await anotify(aconn, channel, "1", "2", "3")
+    await anotify(aconn, channel, "1")
+    await wait_for(lambda: "second 1 starts" in events, "the first coroutine")
+    await anotify(aconn, channel, "2", "3")
+    if max_concurrency:  # read meanwhile: they wait for the busy worker
+        await wait_for(
+            lambda: listener.stats().received.get(channel) == 3, "2 and 3 read"
+        )
+    release.set()
     await within(finished.wait())
     assert events == [
         f"{name} {n}{suffix}"
