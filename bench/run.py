@@ -139,6 +139,24 @@ def _state(pid: int) -> str:
 # -- measurements ----------------------------------------------------------------
 
 
+def rotated(turn: int) -> tuple[str, ...]:
+    """The receivers in the order of round ``turn``: rotated, so that slow
+    drift of the machine hits all alike."""
+    return KINDS[turn % len(KINDS) :] + KINDS[: turn % len(KINDS)]
+
+
+def in_rounds(dsn: str, what: str, rounds: int) -> Iterator[list[tuple[str, Child]]]:
+    """Every receiver once per round, each in a process of its own kept for
+    the whole phase (idle while the others run)."""
+    with ExitStack() as stack:
+        receivers = {
+            kind: stack.enter_context(child(receiver_main, kind, dsn)) for kind in KINDS
+        }
+        for turn in range(rounds):
+            print(f"{what}, round {turn + 1}/{rounds} ...", file=sys.stderr)
+            yield [(kind, receivers[kind]) for kind in rotated(turn)]
+
+
 PAIRED = {
     "raw psycopg": "drain_x_raw",
     "asyncpg": "drain_x_asyncpg",
@@ -162,30 +180,23 @@ def measure_drains(
     the ratio of two medians taken minutes apart.
     """
     n = args.n
-    with ExitStack() as stack:
-        receivers = {
-            kind: stack.enter_context(child(receiver_main, kind, dsn)) for kind in KINDS
-        }
-        for turn in range(args.rounds):
-            print(f"drains, round {turn + 1}/{args.rounds} ...", file=sys.stderr)
-            drains: dict[str, float] = {}
-            # Rotate the order so slow drift of the machine hits all alike.
-            for kind in KINDS[turn % len(KINDS) :] + KINDS[: turn % len(KINDS)]:
-                receiver = receivers[kind]
-                channel = new_channel()
-                _, pid = receiver.ask("setup", "count", channel, n, 0.0)
-                with paused(pid):
-                    sent_from, sent_to = sender.ask("burst", channel, n)
-                    thawed = time.monotonic()
-                _, r = receiver.ask("collect", True)
-                results.sender.append(n / (sent_to - sent_from))
-                drains[kind] = n / (r["t_end"] - thawed)
-                results.add("drain", kind, drains[kind])
-                results.add("cpu", kind, r["cpu"] * 100_000 / n)
-                results.add("stop_join", kind, _ms(r["stop_join"]))
-            for base, key in PAIRED.items():
-                for kind, drain in drains.items():
-                    results.add(key, kind, drain / drains[base])
+    for receivers in in_rounds(dsn, "drains", args.rounds):
+        drains: dict[str, float] = {}
+        for kind, receiver in receivers:
+            channel = new_channel()
+            _, pid = receiver.ask("setup", "count", channel, n, 0.0)
+            with paused(pid):
+                sent_from, sent_to = sender.ask("burst", channel, n)
+                thawed = time.monotonic()
+            _, r = receiver.ask("collect", True)
+            results.sender.append(n / (sent_to - sent_from))
+            drains[kind] = n / (r["t_end"] - thawed)
+            results.add("drain", kind, drains[kind])
+            results.add("cpu", kind, r["cpu"] * 100_000 / n)
+            results.add("stop_join", kind, _ms(r["stop_join"]))
+        for base, key in PAIRED.items():
+            for kind, drain in drains.items():
+                results.add(key, kind, drain / drains[base])
 
 
 LATENCY_PAIRED = {
@@ -204,27 +215,21 @@ def measure_latencies(
     As for the drains, each receiver keeps its process for the phase and the
     targets hold the median of the differences taken round by round.
     """
-    with ExitStack() as stack:
-        receivers = {
-            kind: stack.enter_context(child(receiver_main, kind, dsn)) for kind in KINDS
-        }
-        for turn in range(args.rounds):
-            print(f"latency, round {turn + 1}/{args.rounds} ...", file=sys.stderr)
-            p50s: dict[str, float] = {}
-            for kind in KINDS[turn % len(KINDS) :] + KINDS[: turn % len(KINDS)]:
-                receiver = receivers[kind]
-                # Payloads carry the send time.
-                channel = new_channel()
-                receiver.ask("setup", "latency", channel, args.latency_n, 0.0)
-                sender.ask("paced", channel, args.latency_n, args.rate)
-                _, r = receiver.ask("collect", True)
-                p50s[kind] = r["p50"]
-                results.add("p50", kind, r["p50"])
-                results.add("p99", kind, r["p99"])
-                results.add("stop_join", kind, _ms(r["stop_join"]))
-            for base, key in LATENCY_PAIRED.items():
-                for kind, p50 in p50s.items():
-                    results.add(key, kind, p50 - p50s[base])
+    for receivers in in_rounds(dsn, "latency", args.rounds):
+        p50s: dict[str, float] = {}
+        for kind, receiver in receivers:
+            # Payloads carry the send time.
+            channel = new_channel()
+            receiver.ask("setup", "latency", channel, args.latency_n, 0.0)
+            sender.ask("paced", channel, args.latency_n, args.rate)
+            _, r = receiver.ask("collect", True)
+            p50s[kind] = r["p50"]
+            results.add("p50", kind, r["p50"])
+            results.add("p99", kind, r["p99"])
+            results.add("stop_join", kind, _ms(r["stop_join"]))
+        for base, key in LATENCY_PAIRED.items():
+            for kind, p50 in p50s.items():
+                results.add(key, kind, p50 - p50s[base])
 
 
 def measure_live(
@@ -510,9 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         measure_drains(args.dsn, sender, args, results)
         measure_latencies(args.dsn, sender, args, results)
         for rep in range(args.repeat):
-            # Rotate the order so slow drift of the machine hits all alike.
-            order = KINDS[rep % len(KINDS) :] + KINDS[: rep % len(KINDS)]
-            for kind in order:
+            for kind in rotated(rep):
                 print(f"[{rep + 1}/{args.repeat}] {kind} live ...", file=sys.stderr)
                 measure_live(kind, args.dsn, sender, args, results)
         if args.idle > 0:
