@@ -40,6 +40,7 @@ from classic.pg.listener import (
 from classic.pg.listener._dispatch_async import TaskDispatcher
 from classic.pg.listener._sequencing import Delivery, OneChannel
 from classic.pg.listener.testing import WAIT
+from fix_descriptors import descriptors_above_1024
 from fix_proxy import Proxy
 from fix_server import ThrowawayServer
 
@@ -978,6 +979,24 @@ async def test_cancelling_run_closes_resolves_and_reraises(
     while not await gone():
         assert time.monotonic() < deadline, "the backend still runs"
         await asyncio.sleep(0.01)
+
+
+async def test_a_socket_numbered_above_1024_is_served(
+    make_listener, afactory, aconn, channel
+):
+    made: list[Any] = []
+
+    async def factory() -> Any:
+        conn = await afactory()
+        made.append(conn)
+        return conn
+
+    inbox = Inbox()
+    with descriptors_above_1024():
+        await started(make_listener(factory), inbox, channel, aconn)
+    assert made[-1].pgconn.socket > 1024
+    await anotify(aconn, channel, "again", "and again")
+    assert await inbox.payloads(2) == ["again", "and again"]
 
 
 async def test_worker_tasks_count_a_batch_cut_by_coroutine_callbacks():

@@ -20,6 +20,7 @@ from classic.pg.listener import (
     hookimpl,
 )
 from classic.pg.listener.testing import WAIT, notify, wait_until
+from fix_descriptors import descriptors_above_1024
 
 
 class Recorder:
@@ -160,6 +161,25 @@ def test_an_unhashable_callback_is_refused_at_the_call(listener, channel):
         listener.add_callback(Callback("x"), channel, catch_up=lambda: None)
     assert listener.channels == {channel: (kept,)}
     assert listener.responsive(WAIT)  # the loop goes on
+
+
+def test_a_socket_numbered_above_1024_is_served(make_listener, dsn, conn, channel):
+    made: list[psycopg.Connection[Any]] = []
+
+    def factory() -> psycopg.Connection[Any]:
+        made.append(psycopg.connect(dsn, autocommit=True))
+        return made[-1]
+
+    got = Recorder(2)
+    with descriptors_above_1024():
+        listener = make_listener(factory)
+        listening = listener.add_callback(got, channel)
+        listener.start()
+        listening.result(WAIT)
+    assert made[-1].pgconn.socket > 1024
+    notify(conn, channel, "high", "and high")
+    got.wait()
+    assert got.payloads == ["high", "and high"]
 
 
 def test_channels_interleaved_in_one_transaction_keep_commit_order(

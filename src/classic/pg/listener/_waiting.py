@@ -173,7 +173,7 @@ class _Watch:
     runs the serving task, which then reads the socket dry, so the event
     that poll saw comes after the read, for data already taken. Taken for
     real, it would cost a whole pass of the serving loop per batch, for
-    nothing; a zero-timeout ``select()`` tells it apart, for less.
+    nothing; a zero-timeout poll tells it apart, for less.
     """
 
     def __init__(self, event_loop: asyncio.AbstractEventLoop, waker_fileno: int):
@@ -193,7 +193,7 @@ class _Watch:
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
-        if select.select((self._fileno,), (), (), 0)[0]:
+        if _readable_now(self._fileno):
             waiter.set_result(READ)
 
     async def wait(self, effect: Wait) -> int:
@@ -250,6 +250,23 @@ class _Watch:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+_poll = getattr(select, "poll", None)
+
+
+def _readable_now(fileno: int) -> bool:
+    """Whether ``fileno`` has something to read (or was closed) right now.
+
+    ``poll()``, not ``select()``: a busy service's sockets number in the
+    thousands, and ``select()`` refuses a descriptor above ``FD_SETSIZE``
+    (1024). Windows has no ``poll()``, and its ``select()`` no such limit.
+    """
+    if _poll is None:
+        return bool(select.select((fileno,), (), (), 0)[0])
+    poller = _poll()
+    poller.register(fileno, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _loop_time(event_loop: asyncio.AbstractEventLoop, deadline: float) -> float:
