@@ -985,14 +985,14 @@ async def test_a_socket_numbered_above_1024_is_served(
     make_listener, afactory, aconn, channel
 ):
     made: list[Any] = []
-
-    async def factory() -> Any:
-        conn = await afactory()
-        made.append(conn)
-        return conn
-
     inbox = Inbox()
-    with descriptors_above_1024():
+    with descriptors_above_1024() as take_low:
+
+        async def factory() -> Any:
+            take_low()
+            made.append(await afactory())
+            return made[-1]
+
         await started(make_listener(factory), inbox, channel, aconn)
     assert made[-1].pgconn.socket > 1024
     await anotify(aconn, channel, "again", "and again")

@@ -165,13 +165,14 @@ def test_an_unhashable_callback_is_refused_at_the_call(listener, channel):
 
 def test_a_socket_numbered_above_1024_is_served(make_listener, dsn, conn, channel):
     made: list[psycopg.Connection[Any]] = []
-
-    def factory() -> psycopg.Connection[Any]:
-        made.append(psycopg.connect(dsn, autocommit=True))
-        return made[-1]
-
     got = Recorder(2)
-    with descriptors_above_1024():
+    with descriptors_above_1024() as take_low:
+
+        def factory() -> psycopg.Connection[Any]:
+            take_low()
+            made.append(psycopg.connect(dsn, autocommit=True))
+            return made[-1]
+
         listener = make_listener(factory)
         listening = listener.add_callback(got, channel)
         listener.start()
