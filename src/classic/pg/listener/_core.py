@@ -64,9 +64,10 @@ MAX_CHANNEL_BYTES = 63
 """PostgreSQL truncates longer identifiers (NAMEDATALEN - 1), so a longer
 channel would be listened to under another name and never match."""
 
-REQUESTS_PER_TURN = 256
-"""Requests applied between two reads of the socket (or event loop turns):
-a burst of thousands waits neither reading nor an event loop for long."""
+REQUESTS_TURN = 0.002
+"""Seconds of requests applied between two reads of the socket (or turns of
+an event loop): a burst of thousands of ``add_callback()`` holds neither
+for long, however slow each request (under a tracer, say)."""
 
 _tuple_new = tuple.__new__
 _FATAL = pq.ExecStatus.FATAL_ERROR
@@ -571,14 +572,14 @@ class Core:
             yield from self._verify(self._pgconn)
             # Changes made before start() or while disconnected, so that the
             # connected hooks see every channel listened to.
-            applied = 0
+            turn_ends = time.monotonic() + REQUESTS_TURN
             while self._requests:
                 statement = self._next_request()
-                applied += 1
                 if statement is not None:
                     yield from self._run(statement)
-                elif applied % REQUESTS_PER_TURN == 0:
-                    yield Wait(-1, 0, time.monotonic())  # an event loop's turn
+                elif (now := time.monotonic()) >= turn_ends:
+                    yield Wait(-1, 0, now)  # an event loop's turn
+                    turn_ends = time.monotonic() + REQUESTS_TURN
         except UnicodeEncodeError as ex:
             # A registered channel this connection's client encoding cannot
             # express: retried, with backoff and a warning, like a refusal.
@@ -1111,12 +1112,13 @@ class Core:
             return self._internal.popleft()
         # A burst of requests (thousands of add_callback() at once) is
         # applied a share per turn, so that reading and the deadlines go on.
-        for _ in range(min(len(self._requests), REQUESTS_PER_TURN)):
+        turn_ends = now + REQUESTS_TURN
+        while self._requests:
             statement = self._next_request()
             if statement is not None:
                 return statement
-        if self._requests:
-            return None
+            if self._requests and time.monotonic() >= turn_ends:
+                return None
         ping_at = self._next_ping(last_activity)
         if ping_at is not None and now >= ping_at:
             self._last_ping_sent = now
