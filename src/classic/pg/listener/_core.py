@@ -572,14 +572,12 @@ class Core:
             yield from self._verify(self._pgconn)
             # Changes made before start() or while disconnected, so that the
             # connected hooks see every channel listened to.
-            turn_ends = time.monotonic() + REQUESTS_TURN
             while self._requests:
-                statement = self._next_request()
+                statement = self._apply_requests(time.monotonic())
                 if statement is not None:
                     yield from self._run(statement)
-                elif (now := time.monotonic()) >= turn_ends:
-                    yield Wait(-1, 0, now)  # an event loop's turn
-                    turn_ends = time.monotonic() + REQUESTS_TURN
+                elif self._requests:
+                    yield Wait(-1, 0, time.monotonic())  # an event loop's turn
         except UnicodeEncodeError as ex:
             # A registered channel this connection's client encoding cannot
             # express: retried, with backoff and a warning, like a refusal.
@@ -1110,20 +1108,25 @@ class Core:
     def _next_statement(self, now: float, last_activity: float) -> Statement | None:
         if self._internal:
             return self._internal.popleft()
-        # A burst of requests (thousands of add_callback() at once) is
-        # applied a share per turn, so that reading and the deadlines go on.
-        turn_ends = now + REQUESTS_TURN
-        while self._requests:
-            statement = self._next_request()
-            if statement is not None:
-                return statement
-            if self._requests and time.monotonic() >= turn_ends:
-                return None
+        statement = self._apply_requests(now)
+        if statement is not None or self._requests:
+            return statement
         ping_at = self._next_ping(last_activity)
         if ping_at is not None and now >= ping_at:
             self._last_ping_sent = now
             query = self._ping_query(try_lock=not self.active)
             return Statement(query, on_done=self._ping_done)
+        return None
+
+    def _apply_requests(self, now: float) -> Statement | None:
+        """Apply requests until one needs a statement (returned) or the turn
+        is over: a burst of thousands of ``add_callback()`` is applied a
+        share per turn, so that reading and the deadlines go on."""
+        turn_ends = now + REQUESTS_TURN
+        while self._requests:
+            statement = self._next_request()
+            if statement is not None or time.monotonic() >= turn_ends:
+                return statement
         return None
 
     def _next_request(self) -> Statement | None:
