@@ -343,7 +343,8 @@ class TaskDispatcher(Counts):
         """``deliveries[start:end]`` ran, every callback: counted, off the backlog."""
         if start >= end:
             return
-        self.add(deliveries[start:end], None, deliveries)
+        whole = start == 0 and end == len(deliveries)  # as it is, not a copy
+        self.add(deliveries if whole else deliveries[start:end], None, deliveries)
         self._backlog -= end - start
         if self._wake_when_drained and self._backlog <= self._low_water:
             self._wake_when_drained = False
